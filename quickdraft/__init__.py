@@ -1,0 +1,8 @@
+"""quickdraft: LLM inference with vLLM's API and exact, measurable speculative decoding."""
+
+from quickdraft.llm import LLM
+from quickdraft.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from quickdraft.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics"]
+__version__ = "0.1.0"

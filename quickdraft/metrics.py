@@ -1,0 +1,41 @@
+"""Engine metrics readable through `LLM.get_metrics()` (vLLM's names, `quickdraft:` prefix)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from quickdraft.engine.llm_engine import LLMEngine
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+
+
+@dataclass(frozen=True)
+class Counter(Metric):
+    value: int
+
+
+@dataclass(frozen=True)
+class Gauge(Metric):
+    value: float
+
+
+@dataclass(frozen=True)
+class Vector(Metric):
+    values: list[int]
+
+
+def engine_metrics(engine: "LLMEngine") -> list[Metric]:
+    sched = engine.scheduler
+    return [
+        Counter("quickdraft:prompt_tokens", engine.num_prompt_tokens_total),
+        Counter("quickdraft:generation_tokens", engine.num_generation_tokens_total),
+        Counter("quickdraft:num_preemptions", sched.num_preemptions),
+        Gauge("quickdraft:num_requests_running", float(len({s.request_id for s in sched.running}))),
+        Gauge("quickdraft:num_requests_waiting", float(len({s.request_id for s in sched.waiting}))),
+        Gauge("quickdraft:kv_cache_usage_perc", engine.block_manager.usage),
+    ]

@@ -1,0 +1,155 @@
+"""Decoder-only transformer for the Llama family: Llama (incl. SmolLM2, Llama 3.x), Mistral,
+Qwen2 (bias on q/k/v) and Qwen3 (RMSNorm on q and k per head), selected by ModelConfig flags.
+
+Works on flat token batches: every tensor's first dimension is the step's T tokens, whatever
+sequences they belong to. Q/K/V and gate/up projections are fused into one matrix each.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quickdraft.layers.attention import AttentionMetadata, paged_attention
+from quickdraft.layers.norm import rms_norm
+from quickdraft.layers.rotary import RotaryEmbedding, apply_rotary
+from quickdraft.models.model_config import ModelConfig
+
+
+def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_size, self.kv_size = self.n_heads * d, self.n_kv * d
+        self.eps = cfg.rms_norm_eps
+        self.input_layernorm = _param(h, dtype=dtype, device=device)
+        self.post_attention_layernorm = _param(h, dtype=dtype, device=device)
+        self.qkv_proj = _param(self.q_size + 2 * self.kv_size, h, dtype=dtype, device=device)
+        self.qkv_bias = _param(self.q_size + 2 * self.kv_size, dtype=dtype, device=device) if cfg.qkv_bias else None
+        self.o_proj = _param(h, self.q_size, dtype=dtype, device=device)
+        self.o_bias = _param(h, dtype=dtype, device=device) if cfg.o_bias else None
+        self.q_norm = _param(d, dtype=dtype, device=device) if cfg.qk_norm else None
+        self.k_norm = _param(d, dtype=dtype, device=device) if cfg.qk_norm else None
+        self.gate_up_proj = _param(2 * cfg.intermediate_size, h, dtype=dtype, device=device)
+        self.down_proj = _param(h, cfg.intermediate_size, dtype=dtype, device=device)
+        self.gate_up_bias = _param(2 * cfg.intermediate_size, dtype=dtype, device=device) if cfg.mlp_bias else None
+        self.down_bias = _param(h, dtype=dtype, device=device) if cfg.mlp_bias else None
+        self.scale = d**-0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]  # x: [T, hidden]
+        h = rms_norm(x, self.input_layernorm, self.eps)
+        qkv = F.linear(h, self.qkv_proj, self.qkv_bias)  # [T, q + 2 kv]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.n_heads, self.head_dim)
+        k = k.view(T, self.n_kv, self.head_dim)
+        v = v.view(T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, self.eps)
+            k = rms_norm(k, self.k_norm, self.eps)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        attn = paged_attention(q, k, v, kv_cache, meta, self.scale)  # [T, H * D]
+        x = x + F.linear(attn, self.o_proj, self.o_bias)
+        h = rms_norm(x, self.post_attention_layernorm, self.eps)
+        gate, up = F.linear(h, self.gate_up_proj, self.gate_up_bias).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.down_proj, self.down_bias)
+
+
+class DecoderForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_hidden_layers))
+        self.norm = _param(cfg.hidden_size, dtype=dtype, device=device)
+        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _param(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden]."""
+        x = F.embedding(input_ids, self.embed_tokens)
+        cos, sin = self.rotary.tables(positions)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, meta)
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> float32 logits [N, vocab]."""
+        return F.linear(hidden, self.lm_head).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the (fused) parameters; every parameter must be set once."""
+        cfg = self.cfg
+        q, kv, inter = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size
+        fused = {  # HF suffix -> (our name, row offset, rows)
+            "self_attn.q_proj.weight": ("qkv_proj", 0, q), "self_attn.k_proj.weight": ("qkv_proj", q, kv),
+            "self_attn.v_proj.weight": ("qkv_proj", q + kv, kv), "self_attn.q_proj.bias": ("qkv_bias", 0, q),
+            "self_attn.k_proj.bias": ("qkv_bias", q, kv), "self_attn.v_proj.bias": ("qkv_bias", q + kv, kv),
+            "mlp.gate_proj.weight": ("gate_up_proj", 0, inter), "mlp.up_proj.weight": ("gate_up_proj", inter, inter),
+            "mlp.gate_proj.bias": ("gate_up_bias", 0, inter), "mlp.up_proj.bias": ("gate_up_bias", inter, inter),
+        }
+        plain = {
+            "input_layernorm.weight": "input_layernorm", "post_attention_layernorm.weight": "post_attention_layernorm",
+            "self_attn.o_proj.weight": "o_proj", "self_attn.o_proj.bias": "o_bias",
+            "self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm",
+            "mlp.down_proj.weight": "down_proj", "mlp.down_proj.bias": "down_bias",
+        }
+        expected = {n for n, _ in self.named_parameters()}
+        loaded: set[str] = set()
+        fused_rows: dict[str, int] = {}  # fused parameter -> rows loaded so far
+        for name, tensor in weights:
+            if name.startswith("model.layers."):
+                idx_str, suffix = name[len("model.layers."):].split(".", 1)
+                layer = self.layers[int(idx_str)]
+                if suffix in fused:
+                    target, off, rows = fused[suffix]
+                    param = getattr(layer, target)
+                    if param is None:
+                        raise ValueError(f"Unexpected weight {name} for {cfg.architecture}.")
+                    _copy(param[off:off + rows], tensor, name)
+                    key = f"layers.{idx_str}.{target}"
+                    fused_rows[key] = fused_rows.get(key, 0) + rows
+                    if fused_rows[key] == param.shape[0]:
+                        loaded.add(key)
+                    continue
+                if suffix in plain and getattr(layer, plain[suffix]) is not None:
+                    _copy(getattr(layer, plain[suffix]), tensor, name)
+                    loaded.add(f"layers.{idx_str}.{plain[suffix]}")
+                    continue
+                if suffix.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise ValueError(f"Unexpected weight {name} for {cfg.architecture}.")
+            elif name == "model.embed_tokens.weight":
+                _copy(self.embed_tokens, tensor, name)
+                loaded.add("embed_tokens")
+            elif name == "model.norm.weight":
+                _copy(self.norm, tensor, name)
+                loaded.add("norm")
+            elif name == "lm_head.weight":
+                if not cfg.tie_word_embeddings:
+                    _copy(self.lm_head, tensor, name)
+                    loaded.add("lm_head")
+            else:
+                raise ValueError(f"Unexpected weight {name} for {cfg.architecture}.")
+        missing = expected - loaded
+        if missing:
+            raise ValueError(f"Checkpoint is missing weights: {sorted(missing)[:8]}")
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"Weight {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}.")
+    dst.copy_(src)
