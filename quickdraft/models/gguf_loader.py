@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 __all__ = [
     "GGUFTokenizerData",
@@ -170,8 +171,7 @@ class _GGUFFile:
                     return arr, pos + count * dtype.itemsize
                 if etype == _T_ARRAY:
                     out = []
-                    for _ in range(count):
-                        (sub_type,) = _U32.unpack_from(buf, pos)
+                    for _ in range(count):  # each element is a whole array value
                         value, pos = read_value(_T_ARRAY, pos)
                         out.append(value)
                     return out, pos
@@ -647,7 +647,7 @@ _PRE_TOKENIZERS = {
 
 @dataclass(frozen=True)
 class GGUFTokenizerData:
-    backend: Any  # tokenizers.Tokenizer
+    backend: Tokenizer
     bos_token_id: int | None
     eos_token_id: int | None
     bos_token: str | None
@@ -657,8 +657,6 @@ class GGUFTokenizerData:
 
 
 def _byte_level_pre_tokenizer(pre: str | None):
-    from tokenizers import Regex, pre_tokenizers
-
     kind = _PRE_TOKENIZERS.get(pre or "default")
     if kind is None:
         raise ValueError(
@@ -694,9 +692,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def _build_byte_level(md: dict, path: str):
-    from tokenizers import AddedToken, Tokenizer, decoders, models
-
+def _build_byte_level(md: dict, path: str) -> Tokenizer:
     tokens: list[str] = md["tokenizer.ggml.tokens"]
     types = md.get("tokenizer.ggml.token_type")
     types = [_TOKEN_NORMAL] * len(tokens) if types is None else np.asarray(types).tolist()
@@ -720,11 +716,11 @@ def _build_byte_level(md: dict, path: str):
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(md.get("tokenizer.ggml.pre"))
     tokenizer.decoder = decoders.ByteLevel()
-    _add_special_tokens(tokenizer, tokens, types, vocab, AddedToken)
+    _add_special_tokens(tokenizer, tokens, types, vocab)
     return tokenizer
 
 
-def _add_special_tokens(tokenizer, tokens, types, vocab, AddedToken) -> None:
+def _add_special_tokens(tokenizer, tokens, types, vocab) -> None:
     """Control tokens become special added tokens, user-defined ones plain added tokens: either way
     they are matched whole in the input text. Only those that kept their own id are added."""
     control, user = [], []
@@ -739,9 +735,8 @@ def _add_special_tokens(tokenizer, tokens, types, vocab, AddedToken) -> None:
         tokenizer.add_tokens(user)
 
 
-def _attach_post_processor(tokenizer, bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> None:
-    from tokenizers import processors
-
+def _attach_post_processor(tokenizer: Tokenizer, bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> None:
+    """Prepend BOS / append EOS on `encode(..., add_special_tokens=True)`, as the file asks."""
     if bos is None and eos is None:
         return
     specials = [t for t in (bos, eos) if t is not None]

@@ -1,0 +1,113 @@
+"""Decode throughput of quickdraft vs transformers on the same SmolLM2 weights, in one process.
+
+Batch-1: one chat prompt, N new tokens (greedy, EOS ignored). Batch-32: 32 different prompts
+generated together (transformers: its padded batch `generate`). Runs alternate between engines
+and the table reports medians and ratios; this machine is shared, so ratios matter, not
+absolutes. transformers is measured in float32 and bfloat16 and its faster one is the peer.
+
+    python benchmarks/throughput.py [--repeats 3] [--new-tokens 128] [--batch-new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from quickdraft import LLM, SamplingParams
+
+TOPICS = ["the moon", "bread", "rivers", "chess", "volcanoes", "bees", "trains", "music", "glaciers", "paper",
+          "bicycles", "tea", "owls", "bridges", "clouds", "maps", "salt", "kites", "coral", "lighthouses",
+          "clocks", "deserts", "whales", "libraries", "copper", "tomatoes", "satellites", "wool", "gardens",
+          "rain", "mushrooms", "the alphabet"]
+
+
+def load_transformers(gguf_path, dtype: torch.dtype):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    return model.to(dtype).eval()
+
+
+def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> int:
+    """Padded (left) batch greedy generate; returns the number of generated tokens."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=pad_id)
+    return (out.shape[1] - width) * len(prompts)
+
+
+def timed(fn) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    n = fn()
+    return time.perf_counter() - t0, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    llm = LLM()
+    load_s = time.perf_counter() - t0
+    tok = llm.get_tokenizer()
+    chat = lambda q: tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True)
+    single = chat("Write a short story about a robot who learns to paint.")
+    batch = [chat(f"Tell me three facts about {t}.") for t in TOPICS]
+    pad_id = tok.eos_token_id if tok.eos_token_id is not None else 0
+
+    def ours(prompts: list[list[int]], n: int) -> int:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    peers = {name: load_transformers(llm.model_path, dt) for name, dt in
+             (("transformers fp32", torch.float32), ("transformers bf16", torch.bfloat16))}
+    engines = {f"quickdraft {str(llm.config.dtype).replace('torch.', '')}": None, **peers}
+    results: dict[str, dict[str, list[float]]] = {name: {"b1": [], "b32": []} for name in engines}
+    # Warm up once each, then alternate engines run by run.
+    ours([single], 8)
+    for m in peers.values():
+        hf_generate(m, [single], 8, pad_id)
+    for _ in range(args.repeats):
+        for name, model in engines.items():
+            if model is None:
+                s, n = timed(lambda: ours([single], args.new_tokens))
+                results[name]["b1"].append(n / s)
+                s, n = timed(lambda: ours(batch, args.batch_new_tokens))
+                results[name]["b32"].append(n / s)
+            else:
+                s, n = timed(lambda: hf_generate(model, [single], args.new_tokens, pad_id))
+                results[name]["b1"].append(n / s)
+                s, n = timed(lambda: hf_generate(model, batch, args.batch_new_tokens, pad_id))
+                results[name]["b32"].append(n / s)
+
+    med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
+    ours_name = next(iter(engines))
+    peer_b1 = max(med[p]["b1"] for p in peers)
+    peer_b32 = max(med[p]["b32"] for p in peers)
+    print(f"\nSmolLM2-135M-Instruct (GGUF Q4_1 dequantized), {torch.get_num_threads()} threads, "
+          f"medians of {args.repeats} alternating runs; quickdraft load {load_s:.2f} s")
+    print(f"{'engine':<22} {'batch-1 tok/s':>14} {'batch-32 tok/s':>15}")
+    for name in engines:
+        print(f"{name:<22} {med[name]['b1']:>14.1f} {med[name]['b32']:>15.1f}")
+    print(f"{'ratio vs best peer':<22} {med[ours_name]['b1'] / peer_b1:>13.2f}x {med[ours_name]['b32'] / peer_b32:>14.2f}x")
+
+
+if __name__ == "__main__":
+    main()
