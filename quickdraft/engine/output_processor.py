@@ -53,8 +53,11 @@ class OutputProcessor:
             seq.token_ids.append(token)
             kept += 1
             if logprobs is not None and seq.logprobs is not None:
-                seq.logprobs.append(self._logprob_dict(token, logprobs[i]))
-                seq.cumulative_logprob += logprobs[i][2]
+                top_ids, top_lps, chosen_lp, rank = logprobs[i]
+                # The batch computes the largest top-N any row asked for; keep this request's N.
+                n_top = params.logprobs
+                seq.logprobs.append(self._logprob_dict(token, (top_ids[:n_top], top_lps[:n_top], chosen_lp, rank)))
+                seq.cumulative_logprob += chosen_lp
             n_out = seq.num_output_tokens
             check_stops = n_out >= params.min_tokens
             if check_stops and not params.ignore_eos and token in self.eos_token_ids:
@@ -64,14 +67,31 @@ class OutputProcessor:
             else:
                 if params.detokenize:
                     self._detokenize(seq)
-                    if check_stops and params.stop:
+                    # vLLM: a stop string counts only once it is completed after min_tokens tokens.
+                    if params.stop and n_out > params.min_tokens:
                         self._check_stop_strings(seq)
                 if seq.finish_reason is None and (
                         n_out >= seq.max_output_tokens or seq.num_tokens >= self.max_model_len):
                     seq.finish_reason = "length"
             if seq.finish_reason is not None:
+                if params.detokenize and not (seq.finish_reason == "stop" and isinstance(seq.stop_reason, str)):
+                    # EOS / stop token (its own text excluded) or length: emit text still held back
+                    # for an incomplete character, so the text is the decode of the kept tokens.
+                    self._flush_text(seq, seq.num_tokens - (1 if seq.finish_reason == "stop" else 0))
                 break
         return kept
+
+    def _flush_text(self, seq: Sequence, end: int) -> None:
+        if seq.read_offset >= end:
+            return
+        p = seq.params
+        prefix = self.tokenizer.decode(seq.token_ids[seq.prefix_offset:seq.read_offset], p.skip_special_tokens,
+                                       p.spaces_between_special_tokens)
+        full = self.tokenizer.decode(seq.token_ids[seq.prefix_offset:end], p.skip_special_tokens,
+                                     p.spaces_between_special_tokens)
+        if len(full) > len(prefix):
+            seq.output_text += full[len(prefix):]
+        seq.read_offset = end
 
     def _detokenize(self, seq: Sequence) -> None:
         delta, seq.prefix_offset, seq.read_offset = detokenize_incrementally(
