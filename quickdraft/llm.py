@@ -15,9 +15,11 @@ from quickdraft.config import EngineConfig, parse_memory_size, resolve_device, r
 from quickdraft.engine.llm_engine import LLMEngine
 from quickdraft.engine.model_runner import ModelRunner
 from quickdraft.metrics import Metric, engine_metrics
-from quickdraft.models.loader import load_model
+from quickdraft.models.loader import load_model, read_model_config, resolve_model_path
+from quickdraft.models.model_config import ModelConfig
 from quickdraft.outputs import RequestOutput
 from quickdraft.sampling_params import SamplingParams
+from quickdraft.spec_decode.config import SpeculativeConfig
 from quickdraft.tokenizer import Tokenizer
 
 PromptType = Union[str, Mapping[str, Any]]
@@ -43,7 +45,10 @@ class LLM:
                  dtype: str | torch.dtype = "auto", device: str | torch.device = "auto", seed: int = 0,
                  max_model_len: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, kv_cache_memory: int | str | None = None,
-                 block_size: int = 16, disable_log_stats: bool = True) -> None:
+                 block_size: int = 16,
+                 speculative_config: SpeculativeConfig | Mapping[str, Any] | None = None,
+                 disable_log_stats: bool = True) -> None:
+        spec = SpeculativeConfig.from_any(speculative_config)
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
         for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size)):
@@ -54,8 +59,6 @@ class LLM:
             raise ValueError(f"max_num_batched_tokens must be a positive integer, got {max_num_batched_tokens!r}.")
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}.")
-        from quickdraft.models.loader import read_model_config, resolve_model_path
-        from quickdraft.models.model_config import ModelConfig
         path = resolve_model_path(model)
         model_cfg = ModelConfig.from_hf_config(read_model_config(path))
         context = model_cfg.max_position_embeddings
@@ -65,10 +68,26 @@ class LLM:
             raise ValueError(f"max_model_len must be an integer of at least 2, got {max_model_len!r}.")
         elif max_model_len > context:
             raise ValueError(f"max_model_len={max_model_len} is larger than the model's context length {context}.")
-        self._t_load = time.perf_counter()
+        draft_path = draft_cfg = draft_dtype = None
+        if spec is not None and spec.method == "draft_model":
+            draft_path = resolve_model_path(spec.model)
+            draft_cfg = ModelConfig.from_hf_config(read_model_config(draft_path))
+            if draft_cfg.vocab_size != model_cfg.vocab_size:
+                raise ValueError(f"Target and draft model should have the same vocabulary size "
+                                 f"(target {model_cfg.vocab_size}, draft {draft_cfg.vocab_size}).")
+            if draft_cfg.max_position_embeddings < max_model_len:
+                raise ValueError(f"The draft model's context length {draft_cfg.max_position_embeddings} is "
+                                 f"shorter than max_model_len={max_model_len}.")
+            draft_dtype = resolve_dtype(spec.draft_dtype or torch_dtype, dev)
+        t0 = time.perf_counter()
         loaded = load_model(path, tokenizer=tokenizer, dtype=torch_dtype, device=dev, max_positions=max_model_len)
-        self.load_seconds = time.perf_counter() - self._t_load
+        draft = None
+        if draft_path is not None:
+            draft = load_model(draft_path, tokenizer=None, dtype=draft_dtype, device=dev, max_positions=max_model_len)
+        self.load_seconds = time.perf_counter() - t0
         per_block = ModelRunner.kv_bytes_per_block(model_cfg, block_size, torch_dtype)
+        if draft_cfg is not None:  # the draft's cache mirrors the target's slots
+            per_block += ModelRunner.kv_bytes_per_block(draft_cfg, block_size, draft_dtype)
         blocks_for_one = -(-max_model_len // block_size)
         if kv_cache_memory is None:
             budget = _CPU_KV_DEFAULT if dev.type == "cpu" else int(0.4 * torch.cuda.mem_get_info(dev)[0])
@@ -87,7 +106,8 @@ class LLM:
                                    disable_log_stats=disable_log_stats)
         self.model_config = model_cfg
         self.model_path = path
-        self.engine = LLMEngine(self.config, loaded)
+        self.speculative_config = spec
+        self.engine = LLMEngine(self.config, loaded, spec, draft)
         self._generation_config = loaded.generation_config
         self._request_counter = 0
 

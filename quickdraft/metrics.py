@@ -31,7 +31,7 @@ class Vector(Metric):
 
 def engine_metrics(engine: "LLMEngine") -> list[Metric]:
     sched = engine.scheduler
-    return [
+    out: list[Metric] = [
         Counter("quickdraft:prompt_tokens", engine.num_prompt_tokens_total),
         Counter("quickdraft:generation_tokens", engine.num_generation_tokens_total),
         Counter("quickdraft:num_preemptions", sched.num_preemptions),
@@ -39,3 +39,12 @@ def engine_metrics(engine: "LLMEngine") -> list[Metric]:
         Gauge("quickdraft:num_requests_waiting", float(len({s.request_id for s in sched.waiting}))),
         Gauge("quickdraft:kv_cache_usage_perc", engine.block_manager.usage),
     ]
+    stats = engine.spec_stats
+    if stats is not None:
+        out += [
+            Counter("quickdraft:spec_decode_num_drafts", stats.num_drafts),
+            Counter("quickdraft:spec_decode_num_draft_tokens", stats.num_draft_tokens),
+            Counter("quickdraft:spec_decode_num_accepted_tokens", stats.num_accepted_tokens),
+            Vector("quickdraft:spec_decode_num_accepted_tokens_per_pos", list(stats.accepted_per_pos)),
+        ]
+    return out

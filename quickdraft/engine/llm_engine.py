@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Iterable
 
@@ -10,18 +11,28 @@ import torch
 from quickdraft.config import EngineConfig
 from quickdraft.engine.block_manager import BlockManager
 from quickdraft.engine.model_runner import ModelRunner, SeqInput
-from quickdraft.engine.output_processor import OutputProcessor
+from quickdraft.engine.output_processor import LogprobEntry, OutputProcessor
 from quickdraft.engine.scheduler import ScheduledSeq, Scheduler
 from quickdraft.engine.sequence import Request, Sequence
 from quickdraft.models.loader import LoadedModel
 from quickdraft.outputs import RequestMetrics, RequestOutput
-from quickdraft.sample.sampler import compute_logprobs, sample
+from quickdraft.sample.sampler import compute_logprobs, penalized_logits, process_logits, sample
 from quickdraft.sample.sampling_metadata import build_sampling_metadata
 from quickdraft.sampling_params import SamplingParams
+from quickdraft.spec_decode.config import SpeculativeConfig
+from quickdraft.spec_decode.draft_model import DraftModelProposer
+from quickdraft.spec_decode.metrics import SpecDecodeStats
+from quickdraft.spec_decode.proposer import Draft, NgramProposer, Proposer
+from quickdraft.spec_decode.rejection_sampler import rejection_sample
+
+logger = logging.getLogger("quickdraft")
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+    log_interval_s = 5.0
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel,
+                 speculative_config: SpeculativeConfig | None = None, draft: LoadedModel | None = None) -> None:
         self.config = config
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -41,6 +52,19 @@ class LLMEngine:
         self._arrivals = 0
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
+        self._last_log_time = time.time()
+        self.speculative_config = speculative_config
+        self.proposer: Proposer | None = None
+        self.spec_stats: SpecDecodeStats | None = None
+        if speculative_config is not None:
+            self.spec_stats = SpecDecodeStats(speculative_config.num_speculative_tokens)
+            if speculative_config.method == "ngram":
+                self.proposer = NgramProposer(speculative_config.prompt_lookup_min, speculative_config.prompt_lookup_max)
+            else:
+                assert draft is not None
+                draft_runner = ModelRunner(draft.model, config.num_kv_blocks, config.block_size,
+                                           draft.model.embed_tokens.dtype, config.device)
+                self.proposer = DraftModelProposer(draft_runner, self.block_manager, self.eos_token_ids, self.generator)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
@@ -98,59 +122,62 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; returns the outputs of requests that finished in it."""
-        sched = self.scheduler.schedule()
+        """One step: schedule -> propose -> run -> sample or verify -> postprocess. Returns the
+        outputs of requests that finished in it."""
+        lookahead = self._lookahead if self.proposer is not None else None
+        sched = self.scheduler.schedule(lookahead)
         if not sched.scheduled:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("The scheduler could not schedule any sequence: the KV cache is too small.")
             return []
         now = time.time()
-        inputs, samplers, prompt_lp = self._prepare(sched.scheduled, now)
+        drafts = self._propose(sched.scheduled)
+        inputs, samplers, prompt_lp = self._prepare(sched.scheduled, drafts, now)
         logits = self.runner.execute(inputs)  # [rows, vocab]
-        # Rows are laid out per scheduled sequence: its prompt-logprob rows, then its sampling row.
+        # Each scheduled sequence owns len(tokens) - logits_from consecutive rows: its prompt-logprob
+        # rows (if any), then, if it samples, 1 + len(draft) verification rows.
         row = 0
-        sample_rows: list[int] = []
-        rows_per_seq = [len(inp.token_ids) - inp.logits_from for inp in inputs]
-        for item, inp, n_rows, samples, wants_prompt_lp in zip(sched.scheduled, inputs, rows_per_seq, samplers, prompt_lp):
+        sampled: list[Sequence] = []
+        first_rows: list[int] = []
+        for item, inp, samples, wants_prompt_lp in zip(sched.scheduled, inputs, samplers, prompt_lp):
+            n_rows = len(inp.token_ids) - inp.logits_from
             if wants_prompt_lp:
                 self.output_processor.add_prompt_logprobs(self.requests[item.seq.request_id],
                                                           logits[row:row + n_rows], inp.start_pos)
             if samples:
-                sample_rows.append(row + n_rows - 1)
+                sampled.append(item.seq)
+                draft = drafts.get(item.seq.seq_id)
+                first_rows.append(row + n_rows - 1 - (len(draft.token_ids) if draft else 0))
             row += n_rows
-        sampled_seqs = [item.seq for item, s in zip(sched.scheduled, samplers) if s]
-        new_tokens: list[int] = []
-        logprob_data = None
-        if sampled_seqs:
-            rows_t = torch.tensor(sample_rows, device=logits.device)
-            seq_logits = logits.index_select(0, rows_t)  # [S, vocab]
-            md = build_sampling_metadata(sampled_seqs, self.eos_token_ids, seq_logits.shape[1], seq_logits.device)
-            tokens = sample(seq_logits, md, self.generator)
-            num_top = max((s.params.logprobs or 0) for s in sampled_seqs)
-            if any(s.params.logprobs is not None for s in sampled_seqs):
-                logprob_data = [t.tolist() for t in compute_logprobs(seq_logits, tokens, num_top)]
-            new_tokens = tokens.tolist()
+        seq_drafts = [drafts.get(s.seq_id) for s in sampled]
+        if self.proposer is None:
+            emitted, accepted = self._sample(sampled, logits, first_rows)
+        else:
+            emitted, accepted = self._verify(sampled, seq_drafts, logits, first_rows)
+        logprobs = self._logprobs(sampled, emitted, logits, first_rows)
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
-        finished: list[RequestOutput] = []
-        now = time.time()
-        for i, (seq, token) in enumerate(zip(sampled_seqs, new_tokens)):
-            req = self.requests[seq.request_id]
-            lp = None if logprob_data is None else tuple(x[i] for x in logprob_data)
-            self.output_processor.append_tokens(seq, [token], [lp] if seq.params.logprobs is not None else None)
-            self.num_generation_tokens_total += 1
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            req.metrics.last_token_time = now
-            if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
-                if req.is_finished:
-                    req.metrics.finished_time = now
-                    finished.append(self.output_processor.make_output(req))
-                    del self.requests[seq.request_id]
-        return finished
+        return self._postprocess(sampled, seq_drafts, emitted, accepted, logprobs)
 
-    def _prepare(self, scheduled: list[ScheduledSeq], now: float) -> tuple[list[SeqInput], list[bool], list[bool]]:
+    def _lookahead(self, seq: Sequence) -> int:
+        """Draft slots a decoding sequence may use: k, within the context and the output budget
+        (the step also emits one token of its own), and none while the batch is too large."""
+        spec = self.speculative_config
+        limit = spec.disable_by_batch_size
+        if limit is not None and len(self.scheduler.running) >= limit:
+            return 0
+        room = min(self.config.max_model_len - seq.num_tokens, seq.max_output_tokens - seq.num_output_tokens) - 1
+        return max(0, min(spec.num_speculative_tokens, room))
+
+    def _propose(self, scheduled: list[ScheduledSeq]) -> dict[int, Draft]:
+        items = [it for it in scheduled if it.num_lookahead > 0]
+        if not items:
+            return {}
+        proposals = self.proposer.propose([it.seq for it in items], [it.num_lookahead for it in items])
+        return {it.seq.seq_id: d for it, d in zip(items, proposals) if d.token_ids}
+
+    def _prepare(self, scheduled: list[ScheduledSeq], drafts: dict[int, Draft], now: float
+                 ) -> tuple[list[SeqInput], list[bool], list[bool]]:
         inputs: list[SeqInput] = []
         samplers: list[bool] = []
         prompt_lp: list[bool] = []
@@ -160,17 +187,104 @@ class LLMEngine:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
             start = seq.num_computed_tokens
-            if start == 0 and seq.num_preemptions == 0:
-                self.num_prompt_tokens_total += seq.num_prompt_tokens if seq.index == 0 else 0
+            if start == 0 and seq.num_preemptions == 0 and seq.index == 0:
+                self.num_prompt_tokens_total += seq.num_prompt_tokens
             samples = start + n == seq.num_tokens
             wants = (req.params.prompt_logprobs is not None and seq.index == 0 and seq.num_preemptions == 0
                      and start < seq.num_prompt_tokens)
             logits_from = 0 if wants else (n - 1 if samples else n)
-            inputs.append(SeqInput(seq.token_ids[start:start + n], start, self.block_manager.block_table(seq.seq_id),
-                                   logits_from))
+            draft = drafts.get(seq.seq_id)
+            tokens = seq.token_ids[start:start + n] + (draft.token_ids if draft else [])
+            inputs.append(SeqInput(tokens, start, self.block_manager.block_table(seq.seq_id), logits_from))
             samplers.append(samples)
             prompt_lp.append(wants)
         return inputs, samplers, prompt_lp
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, rows: list[int]
+                ) -> tuple[list[list[int]], list[int]]:
+        if not seqs:
+            return [], []
+        seq_logits = logits.index_select(0, torch.tensor(rows, device=logits.device))  # [S, vocab]
+        md = build_sampling_metadata(seqs, self.eos_token_ids, seq_logits.shape[1], seq_logits.device)
+        tokens = sample(seq_logits, md, self.generator).tolist()
+        return [[t] for t in tokens], [0] * len(seqs)
+
+    def _verify(self, seqs: list[Sequence], drafts: list[Draft | None], logits: torch.Tensor, first_rows: list[int]
+                ) -> tuple[list[list[int]], list[int]]:
+        """Rejection-sample every sampling sequence's draft (possibly empty) against the target."""
+        if not seqs:
+            return [], []
+        draft_ids = [d.token_ids if d else [] for d in drafts]
+        rows = [r + j for r, d in zip(first_rows, draft_ids) for j in range(len(d) + 1)]
+        row_seqs = [s for s, d in zip(seqs, draft_ids) for _ in range(len(d) + 1)]
+        extras = [d[:j] for d in draft_ids for j in range(len(d) + 1)]
+        target_logits = logits.index_select(0, torch.tensor(rows, device=logits.device))  # [R, vocab]
+        md = build_sampling_metadata(row_seqs, self.eos_token_ids, target_logits.shape[1], target_logits.device,
+                                     extra_output_tokens=extras)
+        target_argmax = penalized_logits(target_logits, md).argmax(dim=-1)
+        target_probs = None if md.all_greedy else process_logits(target_logits, md).softmax(dim=-1)
+        result = rejection_sample(target_probs, target_argmax, draft_ids, [d.probs if d else None for d in drafts],
+                                  [s.params.greedy for s in seqs], [s.generator or self.generator for s in seqs])
+        return result.emitted, result.num_accepted
+
+    def _logprobs(self, seqs: list[Sequence], emitted: list[list[int]], logits: torch.Tensor,
+                  first_rows: list[int]) -> list[list[LogprobEntry] | None]:
+        """Raw-distribution logprobs of each emitted token, for the sequences that asked."""
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        out: list[list[LogprobEntry] | None] = [None] * len(seqs)
+        if not want:
+            return out
+        rows = [first_rows[i] + j for i in want for j in range(len(emitted[i]))]
+        tokens = [t for i in want for t in emitted[i]]
+        num_top = max(seqs[i].params.logprobs for i in want)
+        data = [t.tolist() for t in compute_logprobs(
+            logits.index_select(0, torch.tensor(rows, device=logits.device)),
+            torch.tensor(tokens, device=logits.device), num_top)]
+        k = 0
+        for i in want:
+            out[i] = [tuple(x[k + j] for x in data) for j in range(len(emitted[i]))]
+            k += len(emitted[i])
+        return out
+
+    def _postprocess(self, seqs: list[Sequence], drafts: list[Draft | None], emitted: list[list[int]],
+                     accepted: list[int], logprobs: list[list[LogprobEntry] | None]) -> list[RequestOutput]:
+        finished: list[RequestOutput] = []
+        now = time.time()
+        for seq, draft, tokens, n_acc, lps in zip(seqs, drafts, emitted, accepted, logprobs):
+            req = self.requests[seq.request_id]
+            # The accepted drafts' keys/values were computed by this step's forward pass.
+            seq.num_computed_tokens += n_acc
+            kept = self.output_processor.append_tokens(seq, tokens, lps)
+            seq.num_draft_computed_tokens = min(seq.num_draft_computed_tokens, seq.num_tokens - 1)
+            self.num_generation_tokens_total += kept
+            if draft is not None:
+                n_draft = len(draft.token_ids)
+                self.spec_stats.observe(n_draft, n_acc)
+                req.metrics.num_drafts += 1
+                req.metrics.num_draft_tokens += n_draft
+                req.metrics.num_accepted_tokens += n_acc
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            req.metrics.last_token_time = now
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+                if req.is_finished:
+                    req.metrics.finished_time = now
+                    finished.append(self.output_processor.make_output(req))
+                    del self.requests[seq.request_id]
+        self._maybe_log_stats(now)
+        return finished
+
+    def _maybe_log_stats(self, now: float) -> None:
+        if self.config.disable_log_stats or now - self._last_log_time < self.log_interval_s:
+            return
+        self._last_log_time = now
+        sched = self.scheduler
+        logger.info("Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, Prompt tokens: %d, "
+                    "Generation tokens: %d", len(sched.running), len(sched.waiting),
+                    100 * self.block_manager.usage, self.num_prompt_tokens_total, self.num_generation_tokens_total)
+        if self.spec_stats is not None:
+            logger.info(self.spec_stats.log_line())
 
 
 def _as_id_list(value: int | Iterable[int] | None) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from quickdraft.engine.block_manager import BlockManager
 from quickdraft.engine.sequence import Sequence, SequenceStatus
@@ -20,6 +21,7 @@ from quickdraft.engine.sequence import Sequence, SequenceStatus
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+    num_lookahead: int = 0  # extra slots reserved for speculative drafts after them
 
 
 @dataclass
@@ -29,7 +31,7 @@ class SchedulerOutput:
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
+        return sum(s.num_tokens + s.num_lookahead for s in self.scheduled)
 
 
 class Scheduler:
@@ -48,7 +50,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, lookahead: Callable[[Sequence], int] | None = None) -> SchedulerOutput:
+        """Pick this step's work. ``lookahead(seq)`` is how many draft slots a decoding sequence
+        may use (speculative decoding); they count against the token budget and are dropped
+        before anything is preempted for them."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         bm = self.block_manager
@@ -56,6 +61,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
+            extra = 0
+            if lookahead is not None and n == seq.num_uncomputed_tokens == 1:
+                extra = max(0, min(lookahead(seq), budget - n))
+                if extra and not bm.can_grow_to(seq.seq_id, seq.num_computed_tokens + n + extra):
+                    extra = 0
             while not bm.can_grow_to(seq.seq_id, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -64,9 +74,9 @@ class Scheduler:
                     break
             if seq.status != SequenceStatus.RUNNING:
                 break  # the sequence preempted itself: nothing younger is left to schedule
-            bm.grow_to(seq.seq_id, seq.num_computed_tokens + n)
-            out.scheduled.append(ScheduledSeq(seq, n))
-            budget -= n
+            bm.grow_to(seq.seq_id, seq.num_computed_tokens + n + extra)
+            out.scheduled.append(ScheduledSeq(seq, n, extra))
+            budget -= n + extra
             i += 1
         if out.preempted:
             return out  # no admissions in a step that had to preempt
@@ -87,6 +97,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq.seq_id)
         seq.num_computed_tokens = 0
+        seq.num_draft_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

@@ -44,6 +44,8 @@ class Sequence:
     read_offset: int = 0
     last_delta_len: int = 0  # characters the last detokenized token added
     num_preemptions: int = 0
+    # Speculative decoding: tokens whose keys/values the draft model has cached.
+    num_draft_computed_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -1,0 +1,81 @@
+"""SpeculativeConfig: vLLM's `speculative_config` keys and rules, validated once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+METHODS = ("ngram", "draft_model")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """How to draft tokens for verification by the target model.
+
+    method: "ngram" (prompt lookup) or "draft_model" (inferred when ``model`` is given).
+    num_speculative_tokens: k >= 1, the most tokens drafted per step.
+    prompt_lookup_min / prompt_lookup_max: n-gram lengths searched (ngram); both unset means 5
+        and 5, one set means the other copies it.
+    model: the draft model (HF folder or GGUF with the target's vocabulary) for draft_model.
+    draft_dtype: the draft model's dtype (default: the target's).
+    disable_by_batch_size: no drafting while at least this many sequences are running.
+    """
+
+    num_speculative_tokens: int
+    method: str | None = None
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
+    model: str | None = None
+    draft_dtype: str | None = None
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"num_speculative_tokens must be an integer of at least 1, got {k!r}.")
+        method = self.method
+        if method is None:
+            method = "draft_model" if self.model is not None else "ngram"
+        if method not in METHODS:
+            raise ValueError(f"speculative method must be one of {list(METHODS)}, got {method!r}.")
+        object.__setattr__(self, "method", method)
+        if method == "ngram":
+            if self.model is not None:
+                raise ValueError("speculative_config 'model' is only used with method='draft_model'.")
+            lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+            if lo is None and hi is None:
+                lo = hi = 5
+            elif lo is None:
+                lo = hi
+            elif hi is None:
+                hi = lo
+            for name, v in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise ValueError(f"{name} must be an integer of at least 1, got {v!r}.")
+            if lo > hi:
+                raise ValueError(f"prompt_lookup_min={lo} must be <= prompt_lookup_max={hi}")
+            object.__setattr__(self, "prompt_lookup_min", lo)
+            object.__setattr__(self, "prompt_lookup_max", hi)
+        else:
+            if not self.model:
+                raise ValueError("speculative_config needs 'model' (the draft model's path) for method='draft_model'.")
+            if self.prompt_lookup_min is not None or self.prompt_lookup_max is not None:
+                raise ValueError("prompt_lookup_min/prompt_lookup_max only apply to method='ngram'.")
+        b = self.disable_by_batch_size
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+            raise ValueError(f"disable_by_batch_size must be a positive integer, got {b!r}.")
+
+    @classmethod
+    def from_any(cls, value: "SpeculativeConfig | Mapping[str, Any] | None") -> "SpeculativeConfig | None":
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"speculative_config must be a dict or SpeculativeConfig, got {type(value).__name__}.")
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(value) - set(valid))
+        if unknown:
+            raise ValueError(f"Unknown speculative_config keys {unknown}; valid keys: {valid}.")
+        if "num_speculative_tokens" not in value:
+            raise ValueError("speculative_config needs 'num_speculative_tokens'.")
+        return cls(**dict(value))

@@ -1,0 +1,80 @@
+"""Draft-model proposer: a second, smaller model with the target's vocabulary drafts k tokens
+autoregressively with each request's own sampling settings, returning its laws q.
+
+Its KV cache has the same slots as the target's and uses the target's block tables, so a
+position's draft keys and values live in the same slot as the target's. After verification the
+draft's valid prefix is just a length (``Sequence.num_draft_computed_tokens``): rejected
+drafts' slots are overwritten later, and tokens the draft has not seen yet (the bonus token,
+or steps without drafting) are caught up at the start of its next proposal.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from quickdraft.engine.block_manager import BlockManager
+from quickdraft.engine.model_runner import ModelRunner, SeqInput
+from quickdraft.engine.sequence import Sequence as Seq
+from quickdraft.sample.sampler import exponential_noise, penalized_logits, process_logits, sample_from_probs
+from quickdraft.sample.sampling_metadata import build_sampling_metadata
+from quickdraft.spec_decode.proposer import Draft
+
+
+class DraftModelProposer:
+    def __init__(self, runner: ModelRunner, block_manager: BlockManager, eos_token_ids: frozenset[int],
+                 default_generator: torch.Generator) -> None:
+        self.runner = runner
+        self.block_manager = block_manager
+        self.eos_token_ids = eos_token_ids
+        self.default_generator = default_generator
+
+    def propose(self, seqs: Sequence[Seq], max_tokens: Sequence[int]) -> list[Draft]:
+        drafts = [Draft([], None) for _ in seqs]
+        active = [i for i, k in enumerate(max_tokens) if k > 0]
+        if not active:
+            return drafts
+        q_rows: dict[int, list[torch.Tensor]] = {i: [] for i in active}
+        # First pass: catch the draft's cache up to the sequence (includes its last token).
+        inputs = []
+        for i in active:
+            s = seqs[i]
+            start = min(s.num_draft_computed_tokens, s.num_tokens - 1)
+            tokens = s.token_ids[start:]
+            inputs.append(SeqInput(tokens, start, self.block_manager.block_table(s.seq_id), len(tokens) - 1))
+        logits = self.runner.execute(inputs)  # [A, V]
+        step = 0
+        while True:
+            rows = [seqs[i] for i in active]
+            md = build_sampling_metadata(rows, self.eos_token_ids, logits.shape[1], logits.device,
+                                         extra_output_tokens=[drafts[i].token_ids for i in active])
+            tokens = penalized_logits(logits, md).argmax(dim=-1)
+            if not md.all_greedy:
+                q = process_logits(logits, md).softmax(dim=-1)
+                gens = [s.generator or self.default_generator for s in rows]
+                noise = exponential_noise(q.shape[1], q.shape[0], gens, self.default_generator, q.device)
+                tokens = torch.where(md.greedy, tokens, sample_from_probs(q, noise))
+            token_list = tokens.tolist()
+            for r, i in enumerate(active):
+                drafts[i].token_ids.append(token_list[r])
+                if not rows[r].params.greedy:
+                    q_rows[i].append(q[r])
+            step += 1
+            active = [i for i in active if len(drafts[i].token_ids) < max_tokens[i]]
+            if not active:
+                break
+            inputs = []
+            for i in active:
+                s = seqs[i]
+                pos = s.num_tokens + step - 1  # the previous draft token's position
+                inputs.append(SeqInput([drafts[i].token_ids[-1]], pos, self.block_manager.block_table(s.seq_id), 0))
+            logits = self.runner.execute(inputs)
+        for i, s in enumerate(seqs):
+            k = len(drafts[i].token_ids)
+            if k:
+                # Cache holds the sequence plus drafts 1..k-1.
+                s.num_draft_computed_tokens = s.num_tokens + k - 1
+                if q_rows[i]:
+                    drafts[i].probs = torch.stack(q_rows[i])  # [k, V]
+        return drafts
