@@ -30,6 +30,29 @@ class AttentionMetadata:
     segments: list[AttentionSegment] = field(default_factory=list)
 
 
+def _attention_float64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v computed in float64 and rounded back: q [B, H, Q, D], k and v
+    [B, Hkv, K, D], mask [B, 1, Q, K] (True = attend) or None.
+
+    CPU matmul kernels round differently depending on how many rows share a call, so a query's
+    result would depend on the batch and on how many draft tokens are verified with it. In
+    float64 those differences are ~1e-16 and vanish when rounding to float32 or bfloat16, which
+    makes one query's attention the same whatever else is computed beside it (batch invariance).
+    Short queries only (decode and verification), where attention is a small part of the cost.
+    """
+    B, H, Q, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    qg = q.double().reshape(B, Hkv, G * Q, D)  # query head h = kv_head * G + g
+    scores = torch.matmul(qg, k.double().transpose(-1, -2)) * scale  # [B, Hkv, G*Q, K]
+    if mask is not None:
+        keep = mask.unsqueeze(2).expand(B, 1, G, Q, mask.shape[-1]).reshape(B, 1, G * Q, mask.shape[-1])
+        scores = scores.masked_fill(~keep, float("-inf"))
+    out = torch.matmul(scores.softmax(dim=-1), v.double())  # [B, Hkv, G*Q, D]
+    return out.reshape(B, H, Q, D).to(q.dtype)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_slots, Hkv, D]. Returns [T, H * D]."""
@@ -54,7 +77,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         qs = q[seg.token_index].transpose(1, 2)  # [B, H, Qmax, D]
         ks = kv_cache[0][seg.kv_slots].transpose(1, 2)  # [B, Hkv, Kmax, D]
         vs = kv_cache[1][seg.kv_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.mask, scale=scale, enable_gqa=True)
+        if q.device.type == "cpu":
+            o = _attention_float64(qs, ks, vs, seg.mask, scale)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.mask, scale=scale, enable_gqa=True)
         o = o.transpose(1, 2).reshape(qs.shape[0], qs.shape[2], H * D)  # [B, Qmax, H*D]
         out.index_copy_(0, seg.out_index, o[seg.valid])
     return out

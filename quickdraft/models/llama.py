@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quickdraft.layers.attention import AttentionMetadata, paged_attention
+from quickdraft.layers.linear import Linear
 from quickdraft.layers.norm import rms_norm
 from quickdraft.layers.rotary import RotaryEmbedding, apply_rotary
 from quickdraft.models.model_config import ModelConfig
@@ -32,23 +33,19 @@ class DecoderLayer(nn.Module):
         self.eps = cfg.rms_norm_eps
         self.input_layernorm = _param(h, dtype=dtype, device=device)
         self.post_attention_layernorm = _param(h, dtype=dtype, device=device)
-        self.qkv_proj = _param(self.q_size + 2 * self.kv_size, h, dtype=dtype, device=device)
-        self.qkv_bias = _param(self.q_size + 2 * self.kv_size, dtype=dtype, device=device) if cfg.qkv_bias else None
-        self.o_proj = _param(h, self.q_size, dtype=dtype, device=device)
-        self.o_bias = _param(h, dtype=dtype, device=device) if cfg.o_bias else None
+        self.qkv_proj = Linear(h, self.q_size + 2 * self.kv_size, cfg.qkv_bias, dtype, device)
+        self.o_proj = Linear(self.q_size, h, cfg.o_bias, dtype, device)
         self.q_norm = _param(d, dtype=dtype, device=device) if cfg.qk_norm else None
         self.k_norm = _param(d, dtype=dtype, device=device) if cfg.qk_norm else None
-        self.gate_up_proj = _param(2 * cfg.intermediate_size, h, dtype=dtype, device=device)
-        self.down_proj = _param(h, cfg.intermediate_size, dtype=dtype, device=device)
-        self.gate_up_bias = _param(2 * cfg.intermediate_size, dtype=dtype, device=device) if cfg.mlp_bias else None
-        self.down_bias = _param(h, dtype=dtype, device=device) if cfg.mlp_bias else None
+        self.gate_up_proj = Linear(h, 2 * cfg.intermediate_size, cfg.mlp_bias, dtype, device)
+        self.down_proj = Linear(cfg.intermediate_size, h, cfg.mlp_bias, dtype, device)
         self.scale = d**-0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]  # x: [T, hidden]
         h = rms_norm(x, self.input_layernorm, self.eps)
-        qkv = F.linear(h, self.qkv_proj, self.qkv_bias)  # [T, q + 2 kv]
+        qkv = self.qkv_proj(h)  # [T, q + 2 kv]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.n_heads, self.head_dim)
         k = k.view(T, self.n_kv, self.head_dim)
@@ -59,10 +56,10 @@ class DecoderLayer(nn.Module):
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         attn = paged_attention(q, k, v, kv_cache, meta, self.scale)  # [T, H * D]
-        x = x + F.linear(attn, self.o_proj, self.o_bias)
+        x = x + self.o_proj(attn)
         h = rms_norm(x, self.post_attention_layernorm, self.eps)
-        gate, up = F.linear(h, self.gate_up_proj, self.gate_up_bias).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down_proj, self.down_bias)
+        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)  # [T, inter] each
+        return x + self.down_proj(F.silu(gate) * up)
 
 
 class DecoderForCausalLM(nn.Module):
@@ -72,8 +69,9 @@ class DecoderForCausalLM(nn.Module):
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_hidden_layers))
         self.norm = _param(cfg.hidden_size, dtype=dtype, device=device)
-        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _param(
-            cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
@@ -87,25 +85,33 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
+
+    def pack_linears(self) -> None:
+        """Use the prepacked CPU kernels where available (see layers/linear.py)."""
+        for layer in self.layers:
+            for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+                lin.pack()
+        self.lm_head.pack(keep_weight=self.cfg.tie_word_embeddings)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the (fused) parameters; every parameter must be set once."""
         cfg = self.cfg
         q, kv, inter = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size
-        fused = {  # HF suffix -> (our name, row offset, rows)
-            "self_attn.q_proj.weight": ("qkv_proj", 0, q), "self_attn.k_proj.weight": ("qkv_proj", q, kv),
-            "self_attn.v_proj.weight": ("qkv_proj", q + kv, kv), "self_attn.q_proj.bias": ("qkv_bias", 0, q),
-            "self_attn.k_proj.bias": ("qkv_bias", q, kv), "self_attn.v_proj.bias": ("qkv_bias", q + kv, kv),
-            "mlp.gate_proj.weight": ("gate_up_proj", 0, inter), "mlp.up_proj.weight": ("gate_up_proj", inter, inter),
-            "mlp.gate_proj.bias": ("gate_up_bias", 0, inter), "mlp.up_proj.bias": ("gate_up_bias", inter, inter),
+        fused = {  # HF suffix -> (our parameter, row offset, rows)
+            "self_attn.q_proj.weight": ("qkv_proj.weight", 0, q), "self_attn.k_proj.weight": ("qkv_proj.weight", q, kv),
+            "self_attn.v_proj.weight": ("qkv_proj.weight", q + kv, kv), "self_attn.q_proj.bias": ("qkv_proj.bias", 0, q),
+            "self_attn.k_proj.bias": ("qkv_proj.bias", q, kv), "self_attn.v_proj.bias": ("qkv_proj.bias", q + kv, kv),
+            "mlp.gate_proj.weight": ("gate_up_proj.weight", 0, inter),
+            "mlp.up_proj.weight": ("gate_up_proj.weight", inter, inter),
+            "mlp.gate_proj.bias": ("gate_up_proj.bias", 0, inter), "mlp.up_proj.bias": ("gate_up_proj.bias", inter, inter),
         }
         plain = {
             "input_layernorm.weight": "input_layernorm", "post_attention_layernorm.weight": "post_attention_layernorm",
-            "self_attn.o_proj.weight": "o_proj", "self_attn.o_proj.bias": "o_bias",
+            "self_attn.o_proj.weight": "o_proj.weight", "self_attn.o_proj.bias": "o_proj.bias",
             "self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm",
-            "mlp.down_proj.weight": "down_proj", "mlp.down_proj.bias": "down_bias",
+            "mlp.down_proj.weight": "down_proj.weight", "mlp.down_proj.bias": "down_proj.bias",
         }
         expected = {n for n, _ in self.named_parameters()}
         loaded: set[str] = set()
@@ -116,7 +122,7 @@ class DecoderForCausalLM(nn.Module):
                 layer = self.layers[int(idx_str)]
                 if suffix in fused:
                     target, off, rows = fused[suffix]
-                    param = getattr(layer, target)
+                    param = _get(layer, target)
                     if param is None:
                         raise ValueError(f"Unexpected weight {name} for {cfg.architecture}.")
                     _copy(param[off:off + rows], tensor, name)
@@ -125,8 +131,8 @@ class DecoderForCausalLM(nn.Module):
                     if fused_rows[key] == param.shape[0]:
                         loaded.add(key)
                     continue
-                if suffix in plain and getattr(layer, plain[suffix]) is not None:
-                    _copy(getattr(layer, plain[suffix]), tensor, name)
+                if suffix in plain and _get(layer, plain[suffix]) is not None:
+                    _copy(_get(layer, plain[suffix]), tensor, name)
                     loaded.add(f"layers.{idx_str}.{plain[suffix]}")
                     continue
                 if suffix.endswith("rotary_emb.inv_freq"):
@@ -140,13 +146,22 @@ class DecoderForCausalLM(nn.Module):
                 loaded.add("norm")
             elif name == "lm_head.weight":
                 if not cfg.tie_word_embeddings:
-                    _copy(self.lm_head, tensor, name)
-                    loaded.add("lm_head")
+                    _copy(self.lm_head.weight, tensor, name)
+                    loaded.add("lm_head.weight")
             else:
                 raise ValueError(f"Unexpected weight {name} for {cfg.architecture}.")
         missing = expected - loaded
         if missing:
             raise ValueError(f"Checkpoint is missing weights: {sorted(missing)[:8]}")
+
+
+def _get(module: nn.Module, dotted: str) -> torch.Tensor | None:
+    obj = module
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+        if obj is None:
+            return None
+    return obj
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:

@@ -85,5 +85,6 @@ def load_model(model: str | Path | None, *, tokenizer: str | Path | None, dtype:
             data = load_gguf_tokenizer(path)
             tok = Tokenizer(data.backend, bos_token=data.bos_token, eos_token=data.eos_token,
                             chat_template=data.chat_template, add_bos_token=data.add_bos_token or None)
+    net.pack_linears()
     net.eval()
     return LoadedModel(net, cfg, tok, gen_cfg, path)

@@ -1,0 +1,112 @@
+"""Speculative decoding speed-up on SmolLM2, per prompt category, side by side in one process.
+
+For each category (code editing, summarisation, table extraction, open-ended chat) it measures
+greedy generation of N tokens: quickdraft without speculation, with ngram prompt lookup for
+k = 3, 5, 8, and transformers without and with its prompt lookup decoding. Runs alternate and
+the table reports medians; speed-ups are ratios against the same engine without speculation.
+It also checks that every speculative output equals the plain one token for token.
+
+    python benchmarks/spec_decode.py [--repeats 3] [--max-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from prompts import CATEGORIES  # noqa: E402
+
+from quickdraft import LLM, SamplingParams  # noqa: E402
+
+KS = (3, 5, 8)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--hf-lookup-tokens", type=int, default=5, help="transformers prompt_lookup_num_tokens")
+    ap.add_argument("--no-transformers", action="store_true")
+    args = ap.parse_args()
+
+    base = LLM(dtype=args.dtype)
+    dtype = base.config.dtype
+    engines: dict[str, LLM] = {"off": base}
+    for k in KS:
+        engines[f"ngram k={k}"] = LLM(dtype=args.dtype, speculative_config={
+            "method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2, "prompt_lookup_max": 5})
+    tok = base.get_tokenizer()
+    prompts = {c: tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True) for c, q in CATEGORIES.items()}
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+
+    hf = None
+    if not args.no_transformers:
+        import transformers
+
+        path = base.model_path
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                               dtype=torch.float32).to(dtype).eval()
+
+    def run_ours(llm: LLM, ids: list[int]):
+        t0 = time.perf_counter()
+        out = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
+        return time.perf_counter() - t0, out
+
+    def run_hf(ids: list[int], lookup: bool):
+        x = torch.tensor([ids])
+        kw = dict(prompt_lookup_num_tokens=args.hf_lookup_tokens) if lookup else {}
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_tokens, do_sample=False, **kw)
+        return time.perf_counter() - t0, out[0, len(ids):].tolist()
+
+    rows = []
+    for cat, ids in prompts.items():
+        times: dict[str, list[float]] = {}
+        outs: dict[str, object] = {}
+        for name, llm in engines.items():  # warm-up, and the outputs to compare
+            _, outs[name] = run_ours(llm, ids)
+        for _ in range(args.repeats):
+            for name, llm in engines.items():
+                dt, out = run_ours(llm, ids)
+                times.setdefault(name, []).append(len(out.outputs[0].token_ids) / dt)
+            if hf is not None:
+                for name, lookup in (("hf off", False), ("hf lookup", True)):
+                    dt, toks = run_hf(ids, lookup)
+                    times.setdefault(name, []).append(len(toks) / dt)
+        med = {n: statistics.median(v) for n, v in times.items()}
+        ref = outs["off"].outputs[0].token_ids
+        identical = all(outs[n].outputs[0].token_ids == ref for n in engines)
+        spec = {n: outs[n].metrics for n in engines if n != "off"}
+        rows.append((cat, med, spec, identical, len(ref)))
+
+    print(f"\nSmolLM2-135M-Instruct, {str(dtype).replace('torch.', '')}, greedy, max {args.max_tokens} tokens, "
+          f"{torch.get_num_threads()} threads, medians of {args.repeats} alternating runs")
+    head = f"{'category':<17} {'off tok/s':>9}"
+    for k in KS:
+        head += f" {'k=' + str(k):>14}"
+    head += f" {'hf off':>8} {'hf lookup':>15}  {'acc.rate/len (k=5)':>19} same"
+    print(head)
+    for cat, med, spec, identical, n in rows:
+        line = f"{cat:<17} {med['off']:>9.1f}"
+        for k in KS:
+            line += f" {med[f'ngram k={k}']:>7.1f} ({med[f'ngram k={k}'] / med['off']:.2f}x)"
+        if "hf off" in med:
+            line += f" {med['hf off']:>8.1f} {med['hf lookup']:>7.1f} ({med['hf lookup'] / med['hf off']:.2f}x)"
+        m5 = spec["ngram k=5"]
+        rate = f"{m5.acceptance_rate:.2f}" if m5.acceptance_rate is not None else "-"
+        mlen = f"{m5.mean_acceptance_length:.2f}" if m5.mean_acceptance_length is not None else "-"
+        line += f"  {rate:>10}/{mlen:<8} {'yes' if identical else 'NO'}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Linear layer with an optional prepacked CPU kernel.
+
+On CPU in float32, oneDNN's prepacked linear (when torch has it) is both faster for the few
+rows of decode and verification steps and *batch-invariant*: a row's result does not depend on
+how many other rows share the call, which is what makes greedy speculative decoding
+token-identical to plain decoding. Elsewhere (CUDA, bf16/fp16, no oneDNN) it is F.linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor | None:
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        probe = torch.zeros(1, weight.shape[1])
+        torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+        return packed
+    except (RuntimeError, AttributeError):
+        return None
+
+
+class Linear(nn.Module):
+    """y = x W^T + b with W: [out_features, in_features]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+        self.packed: torch.Tensor | None = None
+
+    def pack(self, keep_weight: bool = False) -> bool:
+        """Switch to the prepacked kernel when available; frees the plain weight unless it is
+        shared (tied embeddings). Returns whether packing happened."""
+        packed = _pack(self.weight)
+        if packed is None:
+            return False
+        self.packed = packed
+        if not keep_weight:
+            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
