@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence as Seq
 from dataclasses import dataclass
@@ -26,6 +27,17 @@ PromptType = Union[str, Mapping[str, Any]]
 _CPU_KV_DEFAULT = 1 << 30  # 1 GiB
 _GEN_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                     "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def _enable_stats_logging() -> None:
+    """Show the engine's periodic INFO stats lines unless the application configured logging."""
+    logger = logging.getLogger("quickdraft")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
 
 
 @dataclass
@@ -108,6 +120,8 @@ class LLM:
         self.model_path = path
         self.speculative_config = spec
         self.engine = LLMEngine(self.config, loaded, spec, draft)
+        if not disable_log_stats:
+            _enable_stats_logging()
         self._generation_config = loaded.generation_config
         self._request_counter = 0
 
