@@ -121,9 +121,10 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ---- the step -------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, stream: bool = False) -> list[RequestOutput]:
         """One step: schedule -> propose -> run -> sample or verify -> postprocess. Returns the
-        outputs of requests that finished in it."""
+        outputs of requests that finished in it or, with ``stream``, of every request that got
+        new tokens (cumulative text and tokens so far; ``finished`` tells which are done)."""
         lookahead = self._lookahead if self.proposer is not None else None
         sched = self.scheduler.schedule(lookahead)
         if not sched.scheduled:
@@ -157,7 +158,7 @@ class LLMEngine:
         logprobs = self._logprobs(sampled, emitted, logits, first_rows)
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
-        return self._postprocess(sampled, seq_drafts, emitted, accepted, logprobs)
+        return self._postprocess(sampled, seq_drafts, emitted, accepted, logprobs, stream)
 
     def _lookahead(self, seq: Sequence) -> int:
         """Draft slots a decoding sequence may use: k, within the context and the output budget
@@ -247,8 +248,10 @@ class LLMEngine:
         return out
 
     def _postprocess(self, seqs: list[Sequence], drafts: list[Draft | None], emitted: list[list[int]],
-                     accepted: list[int], logprobs: list[list[LogprobEntry] | None]) -> list[RequestOutput]:
+                     accepted: list[int], logprobs: list[list[LogprobEntry] | None],
+                     stream: bool = False) -> list[RequestOutput]:
         finished: list[RequestOutput] = []
+        updated: dict[str, Request] = {}
         now = time.time()
         for seq, draft, tokens, n_acc, lps in zip(seqs, drafts, emitted, accepted, logprobs):
             req = self.requests[seq.request_id]
@@ -266,6 +269,7 @@ class LLMEngine:
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             req.metrics.last_token_time = now
+            updated[req.request_id] = req
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
                 if req.is_finished:
@@ -273,6 +277,9 @@ class LLMEngine:
                     finished.append(self.output_processor.make_output(req))
                     del self.requests[seq.request_id]
         self._maybe_log_stats(now)
+        if stream:
+            done = {o.request_id: o for o in finished}
+            return [done.get(rid) or self.output_processor.make_output(req) for rid, req in updated.items()]
         return finished
 
     def _maybe_log_stats(self, now: float) -> None:
