@@ -46,6 +46,10 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -
     return (out.shape[1] - width) * len(prompts)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def timed(fn) -> tuple[float, int]:
     t0 = time.perf_counter()
     n = fn()
@@ -65,31 +69,35 @@ def main() -> None:
     t0 = time.perf_counter()
     llm = LLM()
     load_s = time.perf_counter() - t0
+    ours_engines = {f"quickdraft {_dtype_name(llm.config.dtype)} (auto)": llm}
+    other = torch.bfloat16 if llm.config.dtype == torch.float32 else torch.float32
+    ours_engines[f"quickdraft {_dtype_name(other)}"] = LLM(dtype=_dtype_name(other))
     tok = llm.get_tokenizer()
     chat = lambda q: tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True)
     single = chat("Write a short story about a robot who learns to paint.")
     batch = [chat(f"Tell me three facts about {t}.") for t in TOPICS]
     pad_id = tok.eos_token_id if tok.eos_token_id is not None else 0
 
-    def ours(prompts: list[list[int]], n: int) -> int:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+    def ours(engine: LLM, prompts: list[list[int]], n: int) -> int:
+        outs = engine.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
     peers = {name: load_transformers(llm.model_path, dt) for name, dt in
              (("transformers fp32", torch.float32), ("transformers bf16", torch.bfloat16))}
-    engines = {f"quickdraft {str(llm.config.dtype).replace('torch.', '')}": None, **peers}
+    engines = {**ours_engines, **peers}
     results: dict[str, dict[str, list[float]]] = {name: {"b1": [], "b32": []} for name in engines}
     # Warm up once each, then alternate engines run by run.
-    ours([single], 8)
+    for engine in ours_engines.values():
+        ours(engine, [single], 8)
     for m in peers.values():
         hf_generate(m, [single], 8, pad_id)
     for _ in range(args.repeats):
         for name, model in engines.items():
-            if model is None:
-                s, n = timed(lambda: ours([single], args.new_tokens))
+            if isinstance(model, LLM):
+                s, n = timed(lambda: ours(model, [single], args.new_tokens))
                 results[name]["b1"].append(n / s)
-                s, n = timed(lambda: ours(batch, args.batch_new_tokens))
+                s, n = timed(lambda: ours(model, batch, args.batch_new_tokens))
                 results[name]["b32"].append(n / s)
             else:
                 s, n = timed(lambda: hf_generate(model, [single], args.new_tokens, pad_id))
@@ -98,15 +106,16 @@ def main() -> None:
                 results[name]["b32"].append(n / s)
 
     med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
-    ours_name = next(iter(engines))
     peer_b1 = max(med[p]["b1"] for p in peers)
     peer_b32 = max(med[p]["b32"] for p in peers)
     print(f"\nSmolLM2-135M-Instruct (GGUF Q4_1 dequantized), {torch.get_num_threads()} threads, "
           f"medians of {args.repeats} alternating runs; quickdraft load {load_s:.2f} s")
-    print(f"{'engine':<22} {'batch-1 tok/s':>14} {'batch-32 tok/s':>15}")
+    print(f"{'engine':<28} {'batch-1 tok/s':>14} {'batch-32 tok/s':>15}")
     for name in engines:
-        print(f"{name:<22} {med[name]['b1']:>14.1f} {med[name]['b32']:>15.1f}")
-    print(f"{'ratio vs best peer':<22} {med[ours_name]['b1'] / peer_b1:>13.2f}x {med[ours_name]['b32'] / peer_b32:>14.2f}x")
+        print(f"{name:<28} {med[name]['b1']:>14.1f} {med[name]['b32']:>15.1f}")
+    for name in ours_engines:
+        print(f"{name + ' / best peer':<40} batch-1 {med[name]['b1'] / peer_b1:.2f}x   "
+              f"batch-32 {med[name]['b32'] / peer_b32:.2f}x")
 
 
 if __name__ == "__main__":

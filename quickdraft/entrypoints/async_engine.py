@@ -1,0 +1,300 @@
+"""AsyncLLM: an asyncio front for one LLMEngine, for servers with many concurrent requests.
+
+One engine thread owns the engine (it is not thread-safe): it applies queued commands (add,
+abort) between steps, calls ``step(stream=True)`` while there is work, and hands every
+request's cumulative output to the asyncio queue of whoever added it. Requests from any number
+of connections therefore share the engine's continuous batch. The thread sleeps while idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from quickdraft.llm import LLM
+from quickdraft.metrics import Metric, engine_metrics
+from quickdraft.outputs import RequestOutput
+from quickdraft.sampling_params import SamplingParams
+
+logger = logging.getLogger("quickdraft")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; no request can be served."""
+
+
+@dataclasses.dataclass
+class _Failure:
+    """Put on a request's queue when the engine failed it."""
+
+    request_id: str
+    error: BaseException
+
+
+@dataclasses.dataclass
+class _Add:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float | None
+    sink: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future
+
+
+@dataclasses.dataclass
+class _Abort:
+    request_id: str
+
+
+class _Stop:
+    pass
+
+
+def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
+    if fut.done():  # the caller was cancelled meanwhile
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+
+
+def _snapshot(out: RequestOutput) -> RequestOutput:
+    """A copy the engine thread will not mutate any more (logprob lists and metrics grow in place)."""
+    outputs = [dataclasses.replace(o, logprobs=None if o.logprobs is None else list(o.logprobs))
+               for o in out.outputs]
+    prompt_lp = None if out.prompt_logprobs is None else list(out.prompt_logprobs)
+    metrics = None if out.metrics is None else dataclasses.replace(out.metrics)
+    return dataclasses.replace(out, outputs=outputs, prompt_logprobs=prompt_lp, metrics=metrics)
+
+
+class AsyncLLM:
+    """Serve an `LLM`'s engine to asyncio code. Call `start()` once, then `add_request` from any
+    event loop; `shutdown()` stops the engine thread."""
+
+    def __init__(self, llm: LLM, on_finished: Callable[[RequestOutput], None] | None = None) -> None:
+        self.llm = llm
+        self.engine = llm.engine
+        self.tokenizer = llm.get_tokenizer()
+        self.max_model_len = llm.config.max_model_len
+        self.on_finished = on_finished  # called by the engine thread with each finished output
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # request id -> (sink, loop); touched by the engine thread only.
+        self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._thread: threading.Thread | None = None
+        self.dead_error: BaseException | None = None
+        self._metrics: list[Metric] = engine_metrics(self.engine)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="quickdraft-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        if self._thread is None:
+            return
+        self._commands.put(_Stop())
+        self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead_error is None
+
+    def get_metrics(self) -> list[Metric]:
+        """The engine's metrics as of its last step (a snapshot, safe from any thread)."""
+        return self._metrics
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self.llm.get_default_sampling_params()
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Raise ValueError for an empty, out-of-vocabulary or too long prompt (reads only
+        immutable engine settings, so it is safe outside the engine thread)."""
+        self.engine.validate_prompt(prompt_token_ids)
+
+    # ---- requests -------------------------------------------------------------------------
+    async def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                          params: SamplingParams, sink: asyncio.Queue, arrival_time: float | None = None) -> None:
+        """Queue a request; its outputs (cumulative `RequestOutput`s, the last with
+        ``finished``) go to ``sink``. Returns once the engine accepted it, raising its error
+        (ValueError for invalid input) otherwise."""
+        if not self.is_running:
+            raise EngineDeadError(f"The engine is not running ({self.dead_error or 'stopped'}).")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._commands.put(_Add(request_id, prompt, list(prompt_token_ids), params, arrival_time, sink, loop, done))
+        try:
+            await done
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op once it finished); its KV blocks are freed before the next step."""
+        self._commands.put(_Abort(request_id))
+
+    # ---- the engine thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                if not self.engine.has_unfinished_requests():
+                    if not self._apply(self._commands.get()):  # sleep until there is work
+                        return
+                while True:
+                    try:
+                        cmd = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not self._apply(cmd):
+                        return
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                self._metrics = engine_metrics(self.engine)
+        except BaseException as e:  # a bug in the loop itself: fail everything, refuse new work
+            logger.exception("The engine thread stopped")
+            self.dead_error = e
+            self._fail_all(EngineDeadError(f"The engine stopped: {e!r}"))
+        finally:
+            self._fail_all(EngineDeadError("The server is shutting down."))
+            self._drain_commands()
+
+    def _apply(self, cmd: Any) -> bool:
+        if isinstance(cmd, _Stop):
+            return False
+        if isinstance(cmd, _Abort):
+            out = self.engine.abort_request(cmd.request_id)
+            self._sinks.pop(cmd.request_id, None)
+            if out is not None:
+                self._finished(out)
+        elif isinstance(cmd, _Add):
+            if cmd.done.cancelled():
+                return True
+            try:
+                self.engine.add_request(cmd.request_id, cmd.prompt, cmd.prompt_token_ids, cmd.params,
+                                        arrival_time=cmd.arrival_time)
+            except Exception as e:  # noqa: BLE001 - reported to the caller
+                error: BaseException | None = e
+            else:
+                error = None
+                self._sinks[cmd.request_id] = (cmd.sink, cmd.loop)
+            try:
+                cmd.loop.call_soon_threadsafe(_resolve, cmd.done, error)
+            except RuntimeError:  # the caller's event loop is closed
+                self.engine.abort_request(cmd.request_id)
+                self._sinks.pop(cmd.request_id, None)
+        return True
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step(stream=True)
+        except Exception as e:  # noqa: BLE001 - keep serving: fail the batch, free its blocks
+            logger.exception("Engine step failed; aborting the requests in flight")
+            self._fail_all(e)
+            return
+        for out in outputs:
+            target = self._sinks.get(out.request_id)
+            if out.finished:
+                self._sinks.pop(out.request_id, None)
+                self._finished(out)
+            if target is not None:
+                sink, loop = target
+                try:
+                    loop.call_soon_threadsafe(sink.put_nowait, _snapshot(out))
+                except RuntimeError:  # the caller's event loop is closed: nobody is listening
+                    self.engine.abort_request(out.request_id)
+                    self._sinks.pop(out.request_id, None)
+
+    def _finished(self, out: RequestOutput) -> None:
+        if self.on_finished is not None:
+            try:
+                self.on_finished(out)
+            except Exception:  # noqa: BLE001 - metrics must never break serving
+                logger.exception("on_finished callback failed")
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id in list(self.engine.requests):
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:  # noqa: BLE001 - still tell every caller
+                logger.exception("Could not abort request %s", request_id)
+        sinks, self._sinks = self._sinks, {}
+        for request_id, (sink, loop) in sinks.items():
+            try:
+                loop.call_soon_threadsafe(sink.put_nowait, _Failure(request_id, error))
+            except RuntimeError:  # that event loop is closed
+                pass
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Add):
+                try:
+                    cmd.loop.call_soon_threadsafe(_resolve, cmd.done, EngineDeadError("The engine is not running."))
+                except RuntimeError:
+                    pass
+
+
+class RequestGroup:
+    """The engine requests behind one API call (several prompts, or one), read together.
+
+    ``async for updates in group`` yields dicts request id -> latest cumulative output (outputs
+    that queued up meanwhile are coalesced: they are cumulative). `abort()` aborts whatever is
+    unfinished, e.g. when the client disconnected."""
+
+    def __init__(self, engine: AsyncLLM) -> None:
+        self.engine = engine
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.request_ids: list[str] = []
+        self.unfinished: set[str] = set()
+        self.final: dict[str, RequestOutput] = {}
+
+    async def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                  arrival_time: float | None = None) -> None:
+        await self.engine.add_request(request_id, prompt, prompt_token_ids, params, self.queue, arrival_time)
+        self.request_ids.append(request_id)
+        self.unfinished.add(request_id)
+
+    def abort(self) -> None:
+        for request_id in self.unfinished:
+            self.engine.abort(request_id)
+        self.unfinished.clear()
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, RequestOutput]]:
+        while self.unfinished:
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            latest: dict[str, RequestOutput] = {}
+            for item in items:
+                if isinstance(item, _Failure):
+                    self.abort()
+                    raise item.error
+                if item.request_id not in self.unfinished:
+                    continue
+                latest[item.request_id] = item
+                if item.finished:
+                    self.final[item.request_id] = item
+            for request_id, out in latest.items():
+                if out.finished:
+                    self.unfinished.discard(request_id)
+            if latest:
+                yield latest
+
+    async def results(self) -> list[RequestOutput]:
+        """Wait for every request to finish; outputs in the order they were added."""
+        async for _ in self:
+            pass
+        return [self.final[r] for r in self.request_ids]

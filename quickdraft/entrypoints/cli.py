@@ -1,0 +1,236 @@
+"""The `quickdraft` command: `serve` (OpenAI-compatible server), `generate` (one prompt) and
+`bench` (the benchmarks in benchmarks/). Engine options use vLLM's flag names.
+
+    quickdraft serve [MODEL] [--port 8000] [--speculative-config '{"method": "ngram", ...}']
+    quickdraft generate "def fibonacci(n):" [--stream] [--chat] [--temperature 0] [--max-tokens 64]
+    quickdraft bench throughput|spec|serve [ARGS...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BENCHMARKS = {"throughput": "throughput.py", "spec": "spec_decode.py", "serve": "serve_load.py"}
+
+
+def _json_dict(value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    return parsed
+
+
+def _kv_memory(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def _add_engine_args(p: argparse.ArgumentParser, *, seed_help: str | None) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's own)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float", "half",
+                                                       "bf16", "fp16", "fp32"],
+                   help="weights and activations dtype (auto: bfloat16 where fast, else float32)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    if seed_help is not None:
+        g.add_argument("--seed", type=int, default=0, help=seed_help)
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in a batch")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one engine step")
+    g.add_argument("--kv-cache-memory", type=_kv_memory, default=None,
+                   help="KV cache size in bytes or like '2GiB' (default: 1 GiB on CPU, 40%% of free GPU memory)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    g.add_argument("--speculative-config", type=_json_dict, default=None,
+                   help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 5, '
+                        '"prompt_lookup_min": 2, "prompt_lookup_max": 5}\'')
+
+
+def _llm_kwargs(args: argparse.Namespace, model: str | None, *, seed: int = 0,
+                disable_log_stats: bool = True) -> dict[str, Any]:
+    return dict(model=model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, seed=seed,
+                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
+                block_size=args.block_size, speculative_config=args.speculative_config,
+                disable_log_stats=disable_log_stats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quickdraft", description="LLM inference with vLLM's API and exact speculative decoding.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `quickdraft COMMAND --help` for a command's options.")
+    from quickdraft import __version__
+
+    parser.add_argument("--version", action="version", version=f"quickdraft {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser("serve", help="serve a model with an OpenAI-compatible API",
+                           description="Serve a model over HTTP with OpenAI's API (/v1/completions, "
+                                       "/v1/chat/completions, /v1/models), /tokenize, /detokenize, /health and "
+                                       "Prometheus /metrics. Without MODEL: the embedded SmolLM2-135M-Instruct.")
+    serve.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                       help="HF folder, .gguf file or the default model's name")
+    serve.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
+    srv = serve.add_argument_group("server")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", nargs="+", default=None,
+                     help="model name(s) the API accepts; the first is reported (default: MODEL as given)")
+    srv.add_argument("--api-key", default=None,
+                     help="require `Authorization: Bearer KEY` on every endpoint but /health "
+                          "(default: $QUICKDRAFT_API_KEY)")
+    srv.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / top_logprobs a request may ask")
+    srv.add_argument("--disable-log-stats", action="store_true", help="no periodic engine stats in the log")
+    srv.add_argument("--uvicorn-log-level", default="info",
+                     choices=["critical", "error", "warning", "info", "debug", "trace"])
+    srv.add_argument("--disable-uvicorn-access-log", action="store_true")
+    _add_engine_args(serve, seed_help="engine random seed (requests without their own seed)")
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt",
+                         description="Generate a continuation of PROMPT (or a chat reply with --chat) and print it.")
+    gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument("--model", default=None, help="HF folder, .gguf file (default: the embedded SmolLM2)")
+    gen.add_argument("--chat", action="store_true", help="treat PROMPT as a user message (model's chat template)")
+    gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    gen.add_argument("--stats", action="store_true", help="print tokens/s and draft acceptance to stderr")
+    smp = gen.add_argument_group("sampling")
+    smp.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the model's, else 1)")
+    smp.add_argument("--top-p", type=float, default=None)
+    smp.add_argument("--top-k", type=int, default=None)
+    smp.add_argument("--min-p", type=float, default=None)
+    smp.add_argument("--max-tokens", type=int, default=128)
+    smp.add_argument("--seed", type=int, default=None, help="sampling seed of this request")
+    smp.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    smp.add_argument("--ignore-eos", action="store_true")
+    _add_engine_args(gen, seed_help=None)
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="run a benchmark from benchmarks/",
+                           description="Run benchmarks/throughput.py (throughput), benchmarks/spec_decode.py "
+                                       "(spec) or benchmarks/serve_load.py (serve); the remaining arguments go to "
+                                       "the benchmark (e.g. `quickdraft bench serve -- --help`).")
+    bench.add_argument("name", choices=sorted(BENCHMARKS), metavar="{" + ",".join(BENCHMARKS) + "}")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+# ---- commands -----------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from quickdraft.entrypoints.openai_server import run_server
+    from quickdraft.models.default_model import DEFAULT_MODEL_NAME
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    model = args.model or args.model_flag
+    names = args.served_model_name or [model or DEFAULT_MODEL_NAME]
+    run_server(_llm_kwargs(args, model, seed=args.seed, disable_log_stats=args.disable_log_stats),
+               served_model_names=names, host=args.host, port=args.port, api_key=args.api_key,
+               max_logprobs=args.max_logprobs, uvicorn_log_level=args.uvicorn_log_level,
+               access_log=not args.disable_uvicorn_access_log)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from quickdraft import LLM, SamplingParams
+
+    llm = LLM(**_llm_kwargs(args, args.model))
+    d = llm.get_default_sampling_params()
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    params = SamplingParams(temperature=pick(args.temperature, d.temperature), top_p=pick(args.top_p, d.top_p),
+                            top_k=pick(args.top_k, d.top_k), min_p=pick(args.min_p, d.min_p),
+                            repetition_penalty=d.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed,
+                            stop=args.stop, ignore_eos=args.ignore_eos)
+    tok = llm.get_tokenizer()
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        ids = tok.encode(text, add_special_tokens=False)
+    else:
+        text, ids = args.prompt, tok.encode(args.prompt)
+    engine = llm.engine
+    engine.validate_prompt(ids)
+    t0 = time.perf_counter()
+    if args.stream:
+        engine.add_request("generate-0", text, ids, params)
+        sent = 0
+        final = None
+        while engine.has_unfinished_requests():
+            for out in engine.step(stream=True):
+                o = out.outputs[0]
+                end = len(o.text) if out.finished else max(sent, len(o.text) - params.output_text_buffer_length)
+                sys.stdout.write(o.text[sent:end])
+                sys.stdout.flush()
+                sent = end
+                if out.finished:
+                    final = out
+        sys.stdout.write("\n")
+    else:
+        final = llm.generate({"prompt": text, "prompt_token_ids": ids}, params, use_tqdm=False)[0]
+        print(final.outputs[0].text)
+    elapsed = time.perf_counter() - t0
+    if args.stats and final is not None:
+        o, m = final.outputs[0], final.metrics
+        line = (f"{len(o.token_ids)} tokens in {elapsed:.2f}s ({len(o.token_ids) / max(elapsed, 1e-9):.1f} tok/s), "
+                f"finish_reason={o.finish_reason}")
+        if m is not None and m.num_drafts:
+            line += (f", drafts={m.num_drafts} drafted={m.num_draft_tokens} accepted={m.num_accepted_tokens} "
+                     f"(acceptance {m.acceptance_rate:.1%}, mean length {m.mean_acceptance_length:.2f})")
+        print(line, file=sys.stderr)
+    return 0
+
+
+def benchmarks_dir() -> Path:
+    import quickdraft
+
+    return Path(quickdraft.__file__).resolve().parent.parent / "benchmarks"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    script = benchmarks_dir() / BENCHMARKS[args.name]
+    if not script.is_file():
+        print(f"error: {script} not found; `quickdraft bench` runs from a source checkout.", file=sys.stderr)
+        return 2
+    rest = list(args.args)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    old_argv = sys.argv
+    sys.argv = [str(script), *rest]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old_argv
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        if args.command == "bench":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Request bodies of the OpenAI-compatible server (pydantic), with vLLM's extra sampling fields.
+
+The models check JSON types only; value checks (temperature >= 0, top_p in (0, 1], ...) are
+SamplingParams' own, so the server answers with the same messages as the offline API.
+Unknown fields are ignored, as OpenAI's API and vLLM do. Non-finite floats are rejected.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from pydantic import BaseModel, ConfigDict
+
+
+class OpenAIBaseModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool | None = True
+    continuous_usage_stats: bool | None = False  # vLLM: usage in every chunk
+
+
+class _SamplingFields(OpenAIBaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's and vLLM's extras).
+    ``None`` means "the model's default" (its generation_config.json, else SamplingParams')."""
+
+    model: str | None = None
+    n: int = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: Union[str, list[str], None] = None
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    seed: int | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM's extra sampling parameters.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool | None = False
+    best_of: int | None = None
+    suffix: str | None = None
+    add_special_tokens: bool = True  # vLLM: add BOS etc. when tokenizing a text prompt
+
+
+class ContentPart(OpenAIBaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(OpenAIBaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    role: str
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    type: str
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    # vLLM's extras.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeCompletionRequest(OpenAIBaseModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(OpenAIBaseModel):
+    model: str | None = None
+    messages: list[ChatMessage]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+TokenizeRequest = Union[TokenizeCompletionRequest, TokenizeChatRequest]
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
