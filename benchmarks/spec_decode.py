@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--hf-lookup-tokens", type=int, default=5, help="transformers prompt_lookup_num_tokens")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--categories", nargs="*", default=list(CATEGORIES), choices=list(CATEGORIES))
     args = ap.parse_args()
 
     base = LLM(dtype=args.dtype)
@@ -44,7 +45,8 @@ def main() -> None:
         engines[f"ngram k={k}"] = LLM(dtype=args.dtype, speculative_config={
             "method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2, "prompt_lookup_max": 5})
     tok = base.get_tokenizer()
-    prompts = {c: tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True) for c, q in CATEGORIES.items()}
+    prompts = {c: tok.apply_chat_template([{"role": "user", "content": CATEGORIES[c]}], tokenize=True)
+               for c in args.categories}
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
 
     hf = None

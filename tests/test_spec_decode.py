@@ -480,7 +480,8 @@ def test_sampling_law_with_ngram_drafts_equals_the_target_law(ckpt):
     for _ in range(3):
         head.append(int(hf_next_logits(model, [S + head])[0].argmax()))
     prompt = head + S
-    llm = make_llm(path, ngram(3))
+    # 32 at a time: larger batches make the adaptive policy draft fewer tokens per sequence.
+    llm = make_llm(path, ngram(3), max_num_seqs=32)
     sps = [SamplingParams(**params, max_tokens=4, seed=i, ignore_eos=True) for i in range(N_LAW)]
     outs = gen(llm, [prompt] * N_LAW, sps)
     m = spec_metrics(llm)
@@ -498,7 +499,7 @@ def test_sampling_law_with_a_draft_model_equals_the_target_law(ckpt, perturbed):
     draft_path = perturbed("llama")
     params = dict(temperature=0.8, top_p=0.9, repetition_penalty=1.3)
     prompt = random.Random(12).sample(range(3, 384), 20)
-    llm = make_llm(path, draft(draft_path, 3))
+    llm = make_llm(path, draft(draft_path, 3), max_num_seqs=32)
     sps = [SamplingParams(**params, max_tokens=4, seed=i, ignore_eos=True) for i in range(N_LAW)]
     outs = gen(llm, [prompt] * N_LAW, sps)
     m = spec_metrics(llm)

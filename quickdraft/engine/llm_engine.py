@@ -19,6 +19,7 @@ from quickdraft.outputs import RequestMetrics, RequestOutput
 from quickdraft.sample.sampler import compute_logprobs, penalized_logits, process_logits, sample
 from quickdraft.sample.sampling_metadata import build_sampling_metadata
 from quickdraft.sampling_params import SamplingParams
+from quickdraft.spec_decode.adaptive import DraftLengthPolicy
 from quickdraft.spec_decode.config import SpeculativeConfig
 from quickdraft.spec_decode.draft_model import DraftModelProposer
 from quickdraft.spec_decode.metrics import SpecDecodeStats
@@ -58,6 +59,7 @@ class LLMEngine:
         self.spec_stats: SpecDecodeStats | None = None
         if speculative_config is not None:
             self.spec_stats = SpecDecodeStats(speculative_config.num_speculative_tokens)
+            self.draft_policy = DraftLengthPolicy(speculative_config.num_speculative_tokens)
             if speculative_config.method == "ngram":
                 self.proposer = NgramProposer(speculative_config.prompt_lookup_min, speculative_config.prompt_lookup_max)
             else:
@@ -168,7 +170,17 @@ class LLMEngine:
         if limit is not None and len(self.scheduler.running) >= limit:
             return 0
         room = min(self.config.max_model_len - seq.num_tokens, seq.max_output_tokens - seq.num_output_tokens) - 1
-        return max(0, min(spec.num_speculative_tokens, room))
+        if room <= 0:
+            return 0
+        if seq.spec_k < 0:
+            seq.spec_k = spec.num_speculative_tokens
+        if seq.spec_k == 0:  # drafts kept failing: try a single token again now and then
+            seq.spec_idle_steps += 1
+            if seq.spec_idle_steps < self.draft_policy.probe_interval:
+                return 0
+            seq.spec_k, seq.spec_idle_steps = 1, 0
+        k = self.draft_policy.for_batch(seq.spec_k, len(self.scheduler.running))
+        return max(0, min(k, room))
 
     def _propose(self, scheduled: list[ScheduledSeq]) -> dict[int, Draft]:
         items = [it for it in scheduled if it.num_lookahead > 0]
@@ -262,6 +274,7 @@ class LLMEngine:
             self.num_generation_tokens_total += kept
             if draft is not None:
                 n_draft = len(draft.token_ids)
+                seq.spec_k = self.draft_policy.update(seq.spec_k, n_draft, n_acc)
                 self.spec_stats.observe(n_draft, n_acc)
                 req.metrics.num_drafts += 1
                 req.metrics.num_draft_tokens += n_draft

@@ -46,6 +46,8 @@ class Sequence:
     num_preemptions: int = 0
     # Speculative decoding: tokens whose keys/values the draft model has cached.
     num_draft_computed_tokens: int = 0
+    spec_k: int = -1  # adaptive draft length (-1 = not started)
+    spec_idle_steps: int = 0  # steps without drafting while spec_k == 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
