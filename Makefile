@@ -29,6 +29,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/spec_decode.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
