@@ -17,6 +17,7 @@ import torch
 
 from quickdraft.sample.sampler import exponential_noise, sample_from_probs
 from quickdraft.spec_decode.rejection_sampler import rejection_sample
+from stats import chi_square_pvalue
 
 P_MIN = 1e-5  # chi-square p-value threshold
 
@@ -25,28 +26,6 @@ def gen(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
-
-
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson goodness of fit of counts to probs (flattened). Cells with an expected count
-    below 5 are pooled into one (into the smallest kept cell if the pool is itself < 5).
-    Observed counts in cells of probability 0 make the p-value 0."""
-    counts, probs = counts.flatten().double(), probs.flatten().double()
-    if counts[probs == 0].sum() > 0:
-        return 0.0
-    expected = probs * counts.sum()
-    big = expected >= 5
-    obs = torch.cat([counts[big], counts[~big].sum().reshape(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
-    if exp[-1] < 5:
-        i = int(exp[:-1].argmin())
-        obs[i] += obs[-1]
-        exp[i] += exp[-1]
-        obs, exp = obs[:-1], exp[:-1]
-    df = obs.numel() - 1
-    assert df >= 1
-    stat = ((obs - exp) ** 2 / exp).sum()
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
 
 
 def binomial_tolerance(prob: float, n: int, sigmas: float = 5.0) -> float:

@@ -17,29 +17,12 @@ import transformers
 from quickdraft import SamplingParams
 from quickdraft.sample.sampler import (SamplingMetadata, apply_min_p, apply_penalties, apply_top_k_top_p,
                                        exponential_noise, process_logits, sample, sample_from_probs)
+from stats import chi_square_pvalue
 
 EOS_IDS = {0, 2}  # tiny checkpoints: generation_config eos_token_id [2, 0]
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit of observed counts to a law. Bins with an expected
-    count under 5 are pooled. p-value = Q(df/2, stat/2) (upper regularized incomplete gamma)."""
-    counts = counts.double()
-    expected = probs.double() * counts.sum()
-    big = expected >= 5
-    obs = torch.cat([counts[big], counts[~big].sum().reshape(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
-    if exp[-1] < 5:  # pool the rest into the smallest kept bin instead
-        i = int(exp[:-1].argmin())
-        obs[i] += obs[-1]
-        exp[i] += exp[-1]
-        obs, exp = obs[:-1], exp[:-1]
-    stat = ((obs - exp) ** 2 / exp).sum()
-    df = len(obs) - 1
-    assert df >= 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
 
 
 def metadata(n: int, temperature: float = 1.0, **kw) -> SamplingMetadata:

@@ -26,6 +26,7 @@ from quickdraft import LLM, SamplingParams, SpeculativeConfig
 from quickdraft.engine.model_runner import ModelRunner
 from quickdraft.spec_decode.draft_model import DraftModelProposer
 from quickdraft.spec_decode.proposer import NgramProposer
+from stats import chi_square_pvalue
 
 P_MIN = 1e-5  # chi-square p-value threshold
 NGRAM = {"method": "ngram", "prompt_lookup_min": 1, "prompt_lookup_max": 3}
@@ -102,28 +103,6 @@ def self_copy_prompts(mistral_path, n: int, seed: int, body: int = 60, copy: int
     plain = make_llm(mistral_path)
     heads = ids(gen(plain, bodies, SamplingParams(temperature=0, max_tokens=copy, ignore_eos=True)))
     return [h + b for h, b in zip(heads, bodies)]
-
-
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson goodness of fit (flattened); cells with expected count < 5 are pooled. Counts in
-    cells of probability 0 give 0."""
-    counts, probs = counts.flatten().double(), probs.flatten().double()
-    if counts[probs == 0].sum() > 0:
-        return 0.0
-    probs = probs / probs.sum()
-    expected = probs * counts.sum()
-    big = expected >= 5
-    obs = torch.cat([counts[big], counts[~big].sum().reshape(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().reshape(1)])
-    if exp[-1] < 5:
-        i = int(exp[:-1].argmin())
-        obs[i] += obs[-1]
-        exp[i] += exp[-1]
-        obs, exp = obs[:-1], exp[:-1]
-    df = obs.numel() - 1
-    assert df >= 1
-    stat = ((obs - exp) ** 2 / exp).sum()
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
 
 
 def reference_law(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
