@@ -92,10 +92,12 @@ class LLM:
                                  f"shorter than max_model_len={max_model_len}.")
             draft_dtype = resolve_dtype(spec.draft_dtype or torch_dtype, dev)
         t0 = time.perf_counter()
-        loaded = load_model(path, tokenizer=tokenizer, dtype=torch_dtype, device=dev, max_positions=max_model_len)
+        loaded = load_model(path, tokenizer=tokenizer, dtype=torch_dtype, device=dev, max_positions=max_model_len,
+                            config=model_cfg)
         draft = None
         if draft_path is not None:
-            draft = load_model(draft_path, tokenizer=None, dtype=draft_dtype, device=dev, max_positions=max_model_len)
+            draft = load_model(draft_path, tokenizer=None, dtype=draft_dtype, device=dev, max_positions=max_model_len,
+                               config=draft_cfg)
         self.load_seconds = time.perf_counter() - t0
         per_block = ModelRunner.kv_bytes_per_block(model_cfg, block_size, torch_dtype)
         if draft_cfg is not None:  # the draft's cache mirrors the target's slots

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from quickdraft.spec_decode.metrics import acceptance_rate, mean_acceptance_length
+
 
 @dataclass
 class Logprob:
@@ -51,12 +53,12 @@ class RequestMetrics:
     @property
     def acceptance_rate(self) -> float | None:
         """Accepted / drafted tokens; None when nothing was drafted."""
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+        return acceptance_rate(self.num_accepted_tokens, self.num_draft_tokens)
 
     @property
     def mean_acceptance_length(self) -> float | None:
         """Tokens emitted per drafting step: 1 + accepted / drafts; None without drafts."""
-        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else None
+        return mean_acceptance_length(self.num_accepted_tokens, self.num_drafts)
 
 
 @dataclass

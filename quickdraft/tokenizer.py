@@ -36,6 +36,7 @@ class Tokenizer:
         self.all_special_ids: set[int] = {i for i, t in added.items() if t.special}
         self.all_special_tokens: list[str] = [added[i].content for i in sorted(self.all_special_ids)]
         self._template_cache: dict[str, jinja2.Template] = {}
+        self._token_text: dict[int, str] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -71,6 +72,14 @@ class Tokenizer:
         if run:
             parts.append(self.backend.decode(run, skip_special_tokens=False))
         return " ".join(parts)
+
+    def token_text(self, token_id: int) -> str:
+        """One token decoded on its own, special tokens kept (cached): logprob entries' text."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.backend.decode([token_id], skip_special_tokens=False)
+            self._token_text[token_id] = text
+        return text
 
     def convert_ids_to_tokens(self, token_ids: list[int]) -> list[str | None]:
         return [self.backend.id_to_token(t) for t in token_ids]
@@ -132,16 +141,20 @@ def load_hf_tokenizer(folder: str | Path) -> Tokenizer:
 
 
 def detokenize_incrementally(tokenizer: Tokenizer, token_ids: list[int], prefix_offset: int, read_offset: int,
-                             skip_special_tokens: bool, spaces_between_special_tokens: bool) -> tuple[str, int, int]:
+                             skip_special_tokens: bool, spaces_between_special_tokens: bool,
+                             final: bool = False) -> tuple[str, int, int]:
     """New text produced by the tokens after ``read_offset``.
 
     Decodes ``token_ids[prefix_offset:]`` and ``token_ids[prefix_offset:read_offset]`` and
     returns the difference, so that merges across token boundaries (leading spaces, multi-byte
     characters split over tokens) come out right. While the text ends in an incomplete UTF-8
-    character (U+FFFD), nothing is emitted and the offsets stay. Returns (delta, prefix, read).
+    character (U+FFFD), nothing is emitted and the offsets stay, unless ``final`` (the sequence
+    ended: emit what there is). Returns (delta, prefix, read).
     """
     prefix = tokenizer.decode(token_ids[prefix_offset:read_offset], skip_special_tokens, spaces_between_special_tokens)
     full = tokenizer.decode(token_ids[prefix_offset:], skip_special_tokens, spaces_between_special_tokens)
+    if final:
+        return full[len(prefix):], read_offset, len(token_ids)
     if len(full) > len(prefix) and not full.endswith("\ufffd"):
         return full[len(prefix):], read_offset, len(token_ids)
     return "", prefix_offset, read_offset

@@ -56,8 +56,9 @@ class ModelRunner:
         to_dev = lambda a: torch.from_numpy(a).to(self.device)
         segments: list[AttentionSegment] = []
         short = [i for i, s in enumerate(inputs) if len(s.token_ids) <= SHORT_QUERY_TOKENS]
+        short_set = set(short)
         for i, s in enumerate(inputs):
-            if i in short:
+            if i in short_set:
                 continue
             n = len(s.token_ids)
             flat = np.arange(offsets[i], offsets[i] + n, dtype=np.int64)

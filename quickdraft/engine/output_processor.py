@@ -23,7 +23,6 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
-        self._token_text: dict[int, str] = {}
 
     def init_sequence(self, seq: Sequence) -> None:
         seq.read_offset = seq.num_prompt_tokens
@@ -31,17 +30,11 @@ class OutputProcessor:
         if seq.params.logprobs is not None:
             seq.logprobs = []
 
-    def token_text(self, token_id: int) -> str:
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self.tokenizer.backend.decode([token_id], skip_special_tokens=False)
-            self._token_text[token_id] = text
-        return text
-
     def _logprob_dict(self, token: int, entry: LogprobEntry) -> dict[int, Logprob]:
         top_ids, top_lps, chosen_lp, chosen_rank = entry
-        out = {t: Logprob(lp, r + 1, self.token_text(t)) for r, (t, lp) in enumerate(zip(top_ids, top_lps))}
-        out[token] = Logprob(chosen_lp, chosen_rank, self.token_text(token))
+        text = self.tokenizer.token_text
+        out = {t: Logprob(lp, r + 1, text(t)) for r, (t, lp) in enumerate(zip(top_ids, top_lps))}
+        out[token] = Logprob(chosen_lp, chosen_rank, text(token))
         return out
 
     def append_tokens(self, seq: Sequence, tokens: list[int], logprobs: list[LogprobEntry] | None) -> int:
@@ -84,14 +77,10 @@ class OutputProcessor:
     def _flush_text(self, seq: Sequence, end: int) -> None:
         if seq.read_offset >= end:
             return
-        p = seq.params
-        prefix = self.tokenizer.decode(seq.token_ids[seq.prefix_offset:seq.read_offset], p.skip_special_tokens,
-                                       p.spaces_between_special_tokens)
-        full = self.tokenizer.decode(seq.token_ids[seq.prefix_offset:end], p.skip_special_tokens,
-                                     p.spaces_between_special_tokens)
-        if len(full) > len(prefix):
-            seq.output_text += full[len(prefix):]
-        seq.read_offset = end
+        delta, seq.prefix_offset, seq.read_offset = detokenize_incrementally(
+            self.tokenizer, seq.token_ids[:end], seq.prefix_offset, seq.read_offset,
+            seq.params.skip_special_tokens, seq.params.spaces_between_special_tokens, final=True)
+        seq.output_text += delta
 
     def _detokenize(self, seq: Sequence) -> None:
         delta, seq.prefix_offset, seq.read_offset = detokenize_incrementally(

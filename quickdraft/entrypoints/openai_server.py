@@ -96,6 +96,13 @@ def _byte_decoder() -> dict[str, int]:
     return table
 
 
+def _visible_delta(text: str, sent: int, hold: int, finished: bool) -> tuple[str, int]:
+    """Text to stream after ``sent`` characters, holding back the last ``hold`` characters
+    (a possible stop string) until the sequence finishes; returns (delta, new sent)."""
+    end = len(text) if finished else max(sent, len(text) - hold)
+    return text[sent:end], end
+
+
 class TokenTexts:
     """Per-token text (as in vLLM's logprobs: each token decoded on its own) and the token's
     UTF-8 bytes (exact for byte-level BPE, so split characters can be put back together)."""
@@ -106,15 +113,10 @@ class TokenTexts:
         self._byte_level = isinstance(backend.decoder, decoders.ByteLevel)
         self._byte_decoder = _byte_decoder() if self._byte_level else {}
         self._added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
-        self._text: dict[int, str] = {}
         self._bytes: dict[int, list[int]] = {}
 
     def text(self, token_id: int) -> str:
-        t = self._text.get(token_id)
-        if t is None:
-            t = self.tokenizer.backend.decode([token_id], skip_special_tokens=False)
-            self._text[token_id] = t
-        return t
+        return self.tokenizer.token_text(token_id)
 
     def bytes(self, token_id: int, text: str | None = None) -> list[int]:
         b = self._bytes.get(token_id)
@@ -483,8 +485,7 @@ async def _stream_completion(serving: OpenAIServing, body: CompletionRequest, gr
                     if done[ci]:
                         continue
                     finished = o.finish_reason is not None
-                    end = len(o.text) if finished else max(sent_text[ci], len(o.text) - hold)
-                    delta = o.text[sent_text[ci]:end]
+                    delta, end = _visible_delta(o.text, sent_text[ci], hold, finished)
                     if not delta and not finished:
                         continue
                     lp = None
@@ -595,8 +596,7 @@ async def _stream_chat(serving: OpenAIServing, body: ChatCompletionRequest, grou
                     if done[j]:
                         continue
                     finished = o.finish_reason is not None
-                    end = len(o.text) if finished else max(sent_text[j], len(o.text) - hold)
-                    delta = o.text[sent_text[j]:end]
+                    delta, end = _visible_delta(o.text, sent_text[j], hold, finished)
                     if not delta and not finished:
                         continue
                     lp = None

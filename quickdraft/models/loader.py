@@ -65,10 +65,10 @@ def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(model: str | Path | None, *, tokenizer: str | Path | None, dtype: torch.dtype,
-               device: torch.device, max_positions: int) -> LoadedModel:
+               device: torch.device, max_positions: int, config: ModelConfig | None = None) -> LoadedModel:
+    """``config``: the model's already-parsed ModelConfig, if the caller has it."""
     path = resolve_model_path(model)
-    hf_cfg = read_model_config(path)
-    cfg = ModelConfig.from_hf_config(hf_cfg)
+    cfg = config if config is not None else ModelConfig.from_hf_config(read_model_config(path))
     net = DecoderForCausalLM(cfg, dtype, device, max_positions)
     if path.is_dir():
         net.load_weights(_iter_safetensors(path))

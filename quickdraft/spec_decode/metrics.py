@@ -5,6 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def acceptance_rate(num_accepted_tokens: int, num_draft_tokens: int) -> float | None:
+    """Accepted / drafted tokens; None when nothing was drafted."""
+    return num_accepted_tokens / num_draft_tokens if num_draft_tokens else None
+
+
+def mean_acceptance_length(num_accepted_tokens: int, num_drafts: int) -> float | None:
+    """Tokens emitted per drafting step, the bonus token included: 1 + accepted / drafts."""
+    return 1.0 + num_accepted_tokens / num_drafts if num_drafts else None
+
+
 @dataclass
 class SpecDecodeStats:
     num_speculative_tokens: int
@@ -30,12 +40,11 @@ class SpecDecodeStats:
 
     @property
     def acceptance_rate(self) -> float | None:
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+        return acceptance_rate(self.num_accepted_tokens, self.num_draft_tokens)
 
     @property
     def mean_acceptance_length(self) -> float | None:
-        """Tokens emitted per drafting step, the bonus token included: 1 + accepted / drafts."""
-        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else None
+        return mean_acceptance_length(self.num_accepted_tokens, self.num_drafts)
 
     def per_position_rates(self) -> list[float]:
         return [a / self.num_drafts if self.num_drafts else 0.0 for a in self.accepted_per_pos]
