@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from quickdraft.layers.attention import AttentionMetadata, AttentionSegment
+from quickdraft.kernels import paged_attention_kernel
+from quickdraft.layers.attention import AttentionMetadata, AttentionSegment, NativeQueries
 from quickdraft.models.llama import DecoderForCausalLM
 
 # Sequences computing at most this many tokens in a step share one padded attention batch;
@@ -36,6 +37,8 @@ class ModelRunner:
         self.kv_cache = torch.empty(cfg.num_hidden_layers, 2, num_blocks * block_size, cfg.num_key_value_heads,
                                     cfg.head_dim, dtype=dtype, device=device)
         self.kv_caches = list(self.kv_cache.unbind(0))
+        native_ok = device.type == "cpu" and dtype == torch.float32 and cfg.head_dim % 8 == 0 and cfg.head_dim <= 256
+        self.native_attention = paged_attention_kernel() if native_ok else None
 
     @staticmethod
     def kv_bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -76,6 +79,8 @@ class ModelRunner:
 
     def _padded_segment(self, seqs: list[SeqInput], positions: list[np.ndarray],
                         flat: list[np.ndarray]) -> AttentionSegment:
+        if self.native_attention is not None:
+            return self._native_segment(seqs, positions, flat)
         B = len(seqs)
         q_max = max(len(s.token_ids) for s in seqs)
         k_max = max(s.start_pos + len(s.token_ids) for s in seqs)
@@ -98,6 +103,21 @@ class ModelRunner:
         to_dev = lambda a: torch.from_numpy(a).to(self.device)
         mask_t = None if mask.all() else to_dev(mask)
         return AttentionSegment(to_dev(token_index), to_dev(valid), to_dev(out_index), to_dev(kv_slots), mask_t)
+
+    def _native_segment(self, seqs: list[SeqInput], positions: list[np.ndarray],
+                        flat: list[np.ndarray]) -> AttentionSegment:
+        max_blocks = max(len(s.block_table) for s in seqs)
+        tables = np.zeros((len(seqs), max_blocks), dtype=np.int64)
+        for b, s in enumerate(seqs):
+            tables[b, :len(s.block_table)] = s.block_table
+        query_seq = np.repeat(np.arange(len(seqs), dtype=np.int64), [len(s.token_ids) for s in seqs])
+        query_pos = np.concatenate(positions)
+        native = NativeQueries(
+            kernel=self.native_attention, query_token=torch.from_numpy(np.concatenate(flat)),
+            query_pos=torch.from_numpy(query_pos), query_seq=torch.from_numpy(query_seq),
+            block_tables=torch.from_numpy(tables), block_size=self.block_size,
+            window=self.sliding_window or 0, max_context=int(query_pos.max()) + 1)
+        return AttentionSegment(None, None, None, None, None, native=native)
 
     @torch.inference_mode()
     def execute(self, inputs: list[SeqInput]) -> torch.Tensor:

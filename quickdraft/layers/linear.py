@@ -1,9 +1,11 @@
-"""Linear layer with an optional prepacked CPU kernel.
+"""Linear layer with batch-invariant CPU kernels.
 
-On CPU in float32, oneDNN's prepacked linear (when torch has it) is both faster for the few
-rows of decode and verification steps and *batch-invariant*: a row's result does not depend on
-how many other rows share the call, which is what makes greedy speculative decoding
-token-identical to plain decoding. Elsewhere (CUDA, bf16/fp16, no oneDNN) it is F.linear.
+On CPU in float32 a row's result must not depend on how many other rows share the call (decode
+vs. verification of drafted tokens vs. batches): that is what makes greedy speculative decoding
+token-identical to plain decoding. The native kernel (kernels/linear_f32.c) guarantees it by
+construction and reads the weights at close to memory bandwidth for the few rows of decode and
+verification; without it, oneDNN's prepacked linear (also batch-invariant) is used. Elsewhere
+(CUDA, bf16/fp16) it is F.linear.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from quickdraft.kernels import LinearKernel, linear_kernel
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -36,10 +40,17 @@ class Linear(nn.Module):
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
         self.packed: torch.Tensor | None = None
+        self.native: LinearKernel | None = None
 
     def pack(self, keep_weight: bool = False) -> bool:
-        """Switch to the prepacked kernel when available; frees the plain weight unless it is
-        shared (tied embeddings). Returns whether packing happened."""
+        """Switch to a batch-invariant CPU kernel when available: the native one (which uses the
+        weight as it is), else oneDNN's prepacked one (which frees the plain weight unless it is
+        shared, as with tied embeddings). Returns whether a CPU kernel was chosen."""
+        w = self.weight
+        if w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():
+            self.native = linear_kernel()
+            if self.native is not None:
+                return True
         packed = _pack(self.weight)
         if packed is None:
             return False
@@ -49,6 +60,8 @@ class Linear(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None and x.dim() == 2:
+            return self.native(x, self.weight, self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

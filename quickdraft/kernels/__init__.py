@@ -1,0 +1,137 @@
+"""Native CPU kernels, compiled on first use with the system C compiler and cached.
+
+The kernels are plain C (no Python or torch headers), so building one takes about a second; it
+is called through ctypes on torch tensors' memory. OpenMP comes from the ``libgomp.so.1`` that
+torch has already loaded, so the kernels and torch share one thread pool. When no compiler is
+found, the CPU lacks AVX2/FMA, or ``QUICKDRAFT_NATIVE_KERNELS=0`` is set, :func:`linear_kernel`
+returns None and callers use torch's own kernels instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("quickdraft")
+
+_SOURCE_DIR = Path(__file__).parent
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("QUICKDRAFT_CACHE", Path.home() / ".cache" / "quickdraft")
+    return Path(root) / "kernels"
+
+
+def _cpu_supported() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def _build(name: str) -> Path | None:
+    """Compile ``<name>.c`` into the cache (once per source and flags) and return the library."""
+    source = _SOURCE_DIR / f"{name}.c"
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        logger.info("No C compiler found; using torch's CPU kernels.")
+        return None
+    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *_CFLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{name}-{digest}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build under a temporary name and rename: concurrent processes never see a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    result = subprocess.run([compiler, *_CFLAGS, str(source), "-o", tmp, "-lm"], capture_output=True, text=True)
+    if result.returncode != 0:
+        os.unlink(tmp)
+        logger.warning("Could not compile %s (%s); using torch's CPU kernels.", source.name,
+                       result.stderr.strip()[-500:])
+        return None
+    os.replace(tmp, target)
+    return target
+
+
+LinearKernel = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@lru_cache(maxsize=None)
+def _library(name: str) -> ctypes.CDLL | None:
+    if os.environ.get("QUICKDRAFT_NATIVE_KERNELS", "1") == "0" or not _cpu_supported():
+        return None
+    path = _build(name)
+    return None if path is None else ctypes.CDLL(str(path))
+
+
+@lru_cache(maxsize=None)
+def linear_kernel() -> LinearKernel | None:
+    """The batch-invariant float32 linear of ``linear_f32.c`` as ``f(x [M, K], w [N, K], bias [N]
+    or None) -> y [M, N]``, or None where it is unavailable."""
+    lib = _library("linear_f32")
+    if lib is None:
+        return None
+    fn = lib.qd_linear_f32
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
+    fn.restype = None
+
+    def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        M, K = x.shape
+        N = w.shape[0]
+        y = torch.empty(M, N, dtype=torch.float32)
+        fn(x.data_ptr(), M, x.stride(0), w.data_ptr(), N, K, None if bias is None else bias.data_ptr(),
+           y.data_ptr(), N, torch.get_num_threads())
+        return y
+
+    return linear
+
+
+PagedAttentionKernel = Callable[..., None]
+
+
+@lru_cache(maxsize=None)
+def paged_attention_kernel() -> PagedAttentionKernel | None:
+    """The batch-invariant float32 short-query attention of ``attention_f32.c`` (arguments as in
+    the C signature, tensors passed as tensors), or None where it is unavailable."""
+    lib = _library("attention_f32")
+    if lib is None:
+        return None
+    fn = lib.qd_paged_attention_f32
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
+                   i64, i64, ptr, i64, ctypes.c_int]
+    fn.restype = None
+
+    def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_token: torch.Tensor,
+                  query_pos: torch.Tensor, query_seq: torch.Tensor, block_tables: torch.Tensor,
+                  block_size: int, scale: float, window: int, max_context: int, out: torch.Tensor) -> None:
+        """q: [T, H, D] (rows may be strided), k_cache/v_cache: [slots, Hkv, D] contiguous,
+        query_*: [Nq] int64, block_tables: [B, max_blocks] int64, out: [T, H * D]."""
+        _, H, D = q.shape
+        Hkv = k_cache.shape[1]
+        assert q.stride(2) == 1 and q.stride(1) == D and k_cache.is_contiguous() and v_cache.is_contiguous()
+        fn(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), query_token.data_ptr(),
+           query_pos.data_ptr(), query_seq.data_ptr(), query_token.shape[0], block_tables.data_ptr(),
+           block_tables.shape[1], block_size, H, Hkv, D, scale, window, max_context, out.data_ptr(),
+           out.stride(0), torch.get_num_threads())
+
+    return attention
