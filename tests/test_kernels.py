@@ -1,0 +1,105 @@
+"""Native CPU kernels (quickdraft/kernels): results against torch references, batch invariance
+(a row's or a query's result bit-identical whatever else shares the call), and the engine with
+the kernels switched off (oneDNN / float64 torch fallbacks) still exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quickdraft import LLM, SamplingParams
+from quickdraft.kernels import linear_kernel, paged_attention_kernel
+
+needs_kernels = pytest.mark.skipif(linear_kernel() is None or paged_attention_kernel() is None,
+                                   reason="native kernels unavailable (no AVX2/FMA CPU or no C compiler)")
+
+
+@needs_kernels
+@pytest.mark.parametrize("K, N, bias", [(576, 960, False), (37, 13, True), (64, 7, True)])
+def test_linear_matches_torch_and_is_batch_invariant(K, N, bias):
+    g = torch.Generator().manual_seed(K + N)
+    w = torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    x = torch.randn(70, K, generator=g)
+    linear = linear_kernel()
+    y = linear(x, w, b)
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * K ** 0.5)
+    for m in (1, 2, 3, 5, 6, 33, 64, 65, 70):  # every row alone equals the same row in a batch
+        rows = linear(x[:m], w, b)
+        for r in range(m):
+            assert torch.equal(rows[r], y[r])
+    # a strided view of rows gives the same bits as its contiguous copy
+    assert torch.equal(linear(x[::2], w, b), linear(x[::2].contiguous(), w, b))
+
+
+def _reference_attention(q, k_cache, v_cache, pos, table, block_size, scale, window):
+    """One query [H, D] in float64: softmax over keys [lo, pos] of its sequence."""
+    H, D = q.shape
+    G = H // k_cache.shape[1]
+    lo = max(0, pos - window + 1) if window else 0
+    slots = torch.tensor([table[j // block_size] * block_size + j % block_size for j in range(lo, pos + 1)])
+    k = k_cache[slots].double().repeat_interleave(G, dim=1)  # [n, H, D]
+    v = v_cache[slots].double().repeat_interleave(G, dim=1)
+    s = torch.einsum("hd,nhd->hn", q.double(), k) * scale
+    return torch.einsum("hn,nhd->hd", s.softmax(-1), v).reshape(-1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("window", [0, 5])
+def test_paged_attention_matches_reference_and_is_batch_invariant(window):
+    g = torch.Generator().manual_seed(window)
+    H, Hkv, D, bs = 6, 2, 32, 4
+    k_cache = torch.randn(40 * bs, Hkv, D, generator=g)
+    v_cache = torch.randn(40 * bs, Hkv, D, generator=g)
+    tables = torch.tensor([[7, 3, 11, 0, 25, 2], [1, 9, 4, 30, 0, 0], [5, 6, 8, 10, 12, 13]])
+    # queries: two verification runs (3 and 2 tokens) and a decode, in mixed order
+    seq = torch.tensor([0, 0, 0, 1, 1, 2])
+    pos = torch.tensor([17, 18, 19, 13, 14, 0])
+    T = 6
+    q = torch.randn(T, H, D, generator=g)
+    kernel = paged_attention_kernel()
+    out = torch.full((T, H * D), float("nan"))
+    kernel(q, k_cache, v_cache, torch.arange(T), pos, seq, tables, bs, 0.3, window, 20, out)
+    for i in range(T):
+        ref = _reference_attention(q[i], k_cache, v_cache, int(pos[i]), tables[seq[i]].tolist(), bs, 0.3, window)
+        torch.testing.assert_close(out[i].double(), ref, rtol=1e-5, atol=1e-5)
+    for i in range(T):  # each query alone gives the same bits
+        alone = torch.full((1, H * D), float("nan"))
+        kernel(q[i:i + 1], k_cache, v_cache, torch.tensor([0]), pos[i:i + 1], torch.tensor([0]),
+               tables[seq[i]:seq[i] + 1], bs, 0.3, window, int(pos[i]) + 1, alone)
+        assert torch.equal(alone[0], out[i])
+
+
+def _without_native_kernels(monkeypatch) -> None:
+    import quickdraft.engine.model_runner as model_runner
+    import quickdraft.layers.linear as linear
+
+    monkeypatch.setattr(linear, "linear_kernel", lambda: None)
+    monkeypatch.setattr(model_runner, "paged_attention_kernel", lambda: None)
+
+
+def test_fallback_kernels_keep_speculation_exact(tiny_checkpoint, monkeypatch):
+    """With the native kernels off (no compiler), oneDNN and float64 attention take over: the
+    engine still matches transformers and greedy speculation still equals plain decoding."""
+    from test_models import hf_greedy, hf_model
+    from test_spec_decode import repetitive_prompts
+
+    _without_native_kernels(monkeypatch)
+    path = str(tiny_checkpoint("llama"))
+    plain = LLM(path, dtype="float32", device="cpu", max_model_len=256)
+    assert plain.engine.runner.native_attention is None
+    assert all(lin.native is None for lin in (plain.engine.runner.model.layers[0].qkv_proj,
+                                              plain.engine.runner.model.lm_head))
+    prompts = repetitive_prompts(16, seed=3)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    expected = [o.outputs[0].token_ids for o in plain.generate(requests, sp, use_tqdm=False)]
+    hf = hf_model(path)
+    assert expected == [hf_greedy(hf, p, 24) for p in prompts]
+    spec = LLM(path, dtype="float32", device="cpu", max_model_len=256,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1})
+    outs = spec.generate(requests, sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert sum(o.metrics.num_draft_tokens for o in outs) > 0
+    assert sum(o.metrics.num_accepted_tokens for o in outs) > 0
