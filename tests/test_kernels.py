@@ -21,7 +21,8 @@ def test_linear_matches_torch_and_is_batch_invariant(K, N, bias):
     w = torch.randn(N, K, generator=g)
     b = torch.randn(N, generator=g) if bias else None
     x = torch.randn(70, K, generator=g)
-    linear = linear_kernel()
+    packed = linear_kernel()(w)
+    linear = lambda rows, w, b: packed(rows, b)  # noqa: E731
     y = linear(x, w, b)
     ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * K ** 0.5)
@@ -31,6 +32,9 @@ def test_linear_matches_torch_and_is_batch_invariant(K, N, bias):
             assert torch.equal(rows[r], y[r])
     # a strided view of rows gives the same bits as its contiguous copy
     assert torch.equal(linear(x[::2], w, b), linear(x[::2].contiguous(), w, b))
+    # the packed panels give back the weight's rows (embedding lookup on tied matrices)
+    index = torch.tensor([0, N - 1, N // 2, 0])
+    assert torch.equal(packed.rows(index), w[index])
 
 
 def _reference_attention(q, k_cache, v_cache, pos, table, block_size, scale, window):

@@ -69,9 +69,6 @@ def _build(name: str) -> Path | None:
     return target
 
 
-LinearKernel = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-
 @lru_cache(maxsize=None)
 def _library(name: str) -> ctypes.CDLL | None:
     if os.environ.get("QUICKDRAFT_NATIVE_KERNELS", "1") == "0" or not _cpu_supported():
@@ -80,29 +77,46 @@ def _library(name: str) -> ctypes.CDLL | None:
     return None if path is None else ctypes.CDLL(str(path))
 
 
+class PackedLinear:
+    """A float32 weight [N, K] repacked for the native kernel of ``linear_f32.c`` (panels of 16
+    output features, [ceil(N / 16), K, 16]), and the batch-invariant product with it."""
+
+    def __init__(self, lib: ctypes.CDLL, weight: torch.Tensor) -> None:
+        self._fn = lib.qd_linear_f32
+        self.out_features, self.in_features = weight.shape
+        w = weight.detach().contiguous()
+        self.packed = torch.empty(-(-self.out_features // 16), self.in_features, 16, dtype=torch.float32)
+        lib.qd_pack_f32(w.data_ptr(), self.out_features, self.in_features, self.packed.data_ptr())
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x: [M, K] float32 -> [M, N]."""
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        M = x.shape[0]
+        y = torch.empty(M, self.out_features, dtype=torch.float32)
+        self._fn(x.data_ptr(), M, x.stride(0), self.packed.data_ptr(), self.out_features, self.in_features,
+                 None if bias is None else bias.data_ptr(), y.data_ptr(), self.out_features,
+                 torch.get_num_threads())
+        return y
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows of the original weight, [len(index), K]: an embedding lookup on a tied matrix."""
+        return self.packed[index // 16, :, index % 16]
+
+
 @lru_cache(maxsize=None)
-def linear_kernel() -> LinearKernel | None:
-    """The batch-invariant float32 linear of ``linear_f32.c`` as ``f(x [M, K], w [N, K], bias [N]
-    or None) -> y [M, N]``, or None where it is unavailable."""
+def linear_kernel() -> Callable[[torch.Tensor], PackedLinear] | None:
+    """``pack(weight [N, K]) -> PackedLinear`` for the native float32 linear, or None where it is
+    unavailable."""
     lib = _library("linear_f32")
     if lib is None:
         return None
-    fn = lib.qd_linear_f32
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
-    fn.restype = None
-
-    def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        M, K = x.shape
-        N = w.shape[0]
-        y = torch.empty(M, N, dtype=torch.float32)
-        fn(x.data_ptr(), M, x.stride(0), w.data_ptr(), N, K, None if bias is None else bias.data_ptr(),
-           y.data_ptr(), N, torch.get_num_threads())
-        return y
-
-    return linear
+    lib.qd_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
+    lib.qd_linear_f32.restype = None
+    lib.qd_pack_f32.argtypes = [ptr, i64, i64, ptr]
+    lib.qd_pack_f32.restype = None
+    return lambda weight: PackedLinear(lib, weight)
 
 
 PagedAttentionKernel = Callable[..., None]

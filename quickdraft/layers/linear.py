@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quickdraft.kernels import LinearKernel, linear_kernel
+from quickdraft.kernels import PackedLinear, linear_kernel
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -40,28 +40,28 @@ class Linear(nn.Module):
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
         self.packed: torch.Tensor | None = None
-        self.native: LinearKernel | None = None
+        self.native: PackedLinear | None = None
 
     def pack(self, keep_weight: bool = False) -> bool:
-        """Switch to a batch-invariant CPU kernel when available: the native one (which uses the
-        weight as it is), else oneDNN's prepacked one (which frees the plain weight unless it is
-        shared, as with tied embeddings). Returns whether a CPU kernel was chosen."""
+        """Switch to a batch-invariant CPU kernel when available (the native one, else oneDNN's)
+        and free the plain weight unless ``keep_weight`` (a weight shared with an embedding).
+        Returns whether a CPU kernel was chosen."""
         w = self.weight
-        if w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():
-            self.native = linear_kernel()
-            if self.native is not None:
-                return True
-        packed = _pack(self.weight)
-        if packed is None:
-            return False
-        self.packed = packed
+        pack_native = linear_kernel() if w.device.type == "cpu" and w.dtype == torch.float32 else None
+        if pack_native is not None:
+            self.native = pack_native(w)
+        else:
+            self.packed = _pack(w)
+            if self.packed is None:
+                return False
         if not keep_weight:
-            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+            self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native is not None and x.dim() == 2:
-            return self.native(x, self.weight, self.bias)
+        if self.native is not None:
+            shape = x.shape
+            return self.native(x.reshape(-1, shape[-1]), self.bias).view(*shape[:-1], self.native.out_features)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

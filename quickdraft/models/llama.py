@@ -77,7 +77,10 @@ class DecoderForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
-        x = F.embedding(input_ids, self.embed_tokens)
+        if self.embed_tokens.numel() == 0:  # tied and packed: the LM head's panels hold the table
+            x = self.lm_head.native.rows(input_ids)
+        else:
+            x = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rotary.tables(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv_cache, meta)
@@ -88,11 +91,17 @@ class DecoderForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def pack_linears(self) -> None:
-        """Use the prepacked CPU kernels where available (see layers/linear.py)."""
+        """Use the prepacked CPU kernels where available (see layers/linear.py). With tied
+        embeddings and the native kernel, embedding lookups read the LM head's packed panels and
+        the plain table is freed, so the matrix is held once."""
         for layer in self.layers:
             for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
                 lin.pack()
-        self.lm_head.pack(keep_weight=self.cfg.tie_word_embeddings)
+        tied = self.cfg.tie_word_embeddings
+        self.lm_head.pack(keep_weight=tied)
+        if tied and self.lm_head.native is not None:
+            self.embed_tokens = _param(0, dtype=self.embed_tokens.dtype, device=self.embed_tokens.device)
+            self.lm_head.weight = self.embed_tokens
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
