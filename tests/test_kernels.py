@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from quickdraft import LLM, SamplingParams
-from quickdraft.kernels import linear_kernel, paged_attention_kernel
+from quickdraft.kernels import layer_ops, linear_kernel, paged_attention_kernel
+from quickdraft.layers.norm import rms_norm
+from quickdraft.layers.rotary import RotaryEmbedding, apply_rotary
 
-needs_kernels = pytest.mark.skipif(linear_kernel() is None or paged_attention_kernel() is None,
+needs_kernels = pytest.mark.skipif(linear_kernel() is None or paged_attention_kernel() is None or layer_ops() is None,
                                    reason="native kernels unavailable (no AVX2/FMA CPU or no C compiler)")
 
 
@@ -75,12 +77,49 @@ def test_paged_attention_matches_reference_and_is_batch_invariant(window):
         assert torch.equal(alone[0], out[i])
 
 
+@needs_kernels
+def test_layer_ops_match_torch_and_are_row_independent():
+    ops = layer_ops()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 100, generator=g) * 3
+    w = torch.randn(100, generator=g)
+    y = ops.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(y, rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+    assert torch.equal(ops.rms_norm(x[4:5], w, 1e-5)[0], y[4])
+    assert torch.equal(ops.rms_norm(x[:, :50], w[:50], 1e-5), ops.rms_norm(x[:, :50].contiguous(), w[:50], 1e-5))
+
+    gu = torch.randn(5, 2 * 37, generator=g) * 6
+    out = ops.silu_mul(gu)
+    ref = torch.nn.functional.silu(gu[:, :37].double()) * gu[:, 37:].double()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ops.silu_mul(gu[2:3].contiguous())[0], out[2])
+
+    H, Hkv, D = 4, 2, 16
+    rot = RotaryEmbedding(D, 64, 10000.0, None, torch.float32, torch.device("cpu"))
+    qkv = torch.randn(3, (H + 2 * Hkv) * D, generator=g)
+    positions = torch.tensor([5, 0, 63])
+    slots = torch.tensor([7, 2, 11])
+    kv_cache = torch.zeros(2, 12, Hkv, D)
+    rotated = qkv.clone()
+    ops.rope_cache(rotated, H, Hkv, D, rot.cos, rot.sin, positions, slots, kv_cache)
+    cos, sin = rot.tables(positions)
+    heads = qkv.view(3, H + 2 * Hkv, D)
+    expect_q = apply_rotary(heads[:, :H], cos, sin)
+    expect_k = apply_rotary(heads[:, H:H + Hkv], cos, sin)
+    got = rotated.view(3, H + 2 * Hkv, D)
+    assert torch.equal(got[:, :H], expect_q) and torch.equal(got[:, H:H + Hkv], expect_k)  # same bits as torch
+    assert torch.equal(got[:, H + Hkv:], heads[:, H + Hkv:])  # values untouched
+    assert torch.equal(kv_cache[0][slots], expect_k) and torch.equal(kv_cache[1][slots], heads[:, H + Hkv:])
+
+
 def _without_native_kernels(monkeypatch) -> None:
     import quickdraft.engine.model_runner as model_runner
     import quickdraft.layers.linear as linear
+    import quickdraft.models.llama as llama
 
     monkeypatch.setattr(linear, "linear_kernel", lambda: None)
     monkeypatch.setattr(model_runner, "paged_attention_kernel", lambda: None)
+    monkeypatch.setattr(llama, "layer_ops", lambda: None)
 
 
 def test_fallback_kernels_keep_speculation_exact(tiny_checkpoint, monkeypatch):
@@ -92,7 +131,7 @@ def test_fallback_kernels_keep_speculation_exact(tiny_checkpoint, monkeypatch):
     _without_native_kernels(monkeypatch)
     path = str(tiny_checkpoint("llama"))
     plain = LLM(path, dtype="float32", device="cpu", max_model_len=256)
-    assert plain.engine.runner.native_attention is None
+    assert plain.engine.runner.native_attention is None and plain.engine.runner.model.layers[0].ops is None
     assert all(lin.native is None for lin in (plain.engine.runner.model.layers[0].qkv_proj,
                                               plain.engine.runner.model.lm_head))
     prompts = repetitive_prompts(16, seed=3)

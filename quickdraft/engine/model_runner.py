@@ -57,30 +57,36 @@ class ModelRunner:
         slots = np.concatenate([self._slots(s.block_table, p) for s, p in zip(inputs, pos_list)])
         offsets = np.cumsum([0] + [len(s.token_ids) for s in inputs])
         to_dev = lambda a: torch.from_numpy(a).to(self.device)
-        segments: list[AttentionSegment] = []
-        short = [i for i, s in enumerate(inputs) if len(s.token_ids) <= SHORT_QUERY_TOKENS]
-        short_set = set(short)
-        for i, s in enumerate(inputs):
-            if i in short_set:
-                continue
-            n = len(s.token_ids)
-            flat = np.arange(offsets[i], offsets[i] + n, dtype=np.int64)
-            causal_only = s.start_pos == 0 and (self.sliding_window is None or n <= self.sliding_window)
-            if causal_only:
-                segments.append(AttentionSegment(to_dev(flat[None]), None, to_dev(flat), None, None))
-            else:
-                segments.append(self._padded_segment([s], [pos_list[i]], [flat]))
-        if short:
-            segments.append(self._padded_segment(
-                [inputs[i] for i in short], [pos_list[i] for i in short],
-                [np.arange(offsets[i], offsets[i + 1], dtype=np.int64) for i in short]))
+        flat = [np.arange(offsets[i], offsets[i + 1], dtype=np.int64) for i in range(len(inputs))]
+        if self.native_attention is not None:
+            # One kernel for every query, prefill or decode: a query's result is then the same
+            # however prompts are chunked and batched.
+            segments = [self._native_segment(inputs, pos_list, flat)]
+        else:
+            segments = self._torch_segments(inputs, pos_list, flat)
         meta = AttentionMetadata(slot_mapping=to_dev(slots), segments=segments)
         return to_dev(ids), to_dev(positions), meta
 
+    def _torch_segments(self, inputs: list[SeqInput], pos_list: list[np.ndarray],
+                        flat: list[np.ndarray]) -> list[AttentionSegment]:
+        to_dev = lambda a: torch.from_numpy(a).to(self.device)
+        segments: list[AttentionSegment] = []
+        short = [i for i, s in enumerate(inputs) if len(s.token_ids) <= SHORT_QUERY_TOKENS]
+        for i, s in enumerate(inputs):
+            if len(s.token_ids) <= SHORT_QUERY_TOKENS:
+                continue
+            causal_only = s.start_pos == 0 and (self.sliding_window is None or len(s.token_ids) <= self.sliding_window)
+            if causal_only:
+                segments.append(AttentionSegment(to_dev(flat[i][None]), None, to_dev(flat[i]), None, None))
+            else:
+                segments.append(self._padded_segment([s], [pos_list[i]], [flat[i]]))
+        if short:
+            segments.append(self._padded_segment([inputs[i] for i in short], [pos_list[i] for i in short],
+                                                 [flat[i] for i in short]))
+        return segments
+
     def _padded_segment(self, seqs: list[SeqInput], positions: list[np.ndarray],
                         flat: list[np.ndarray]) -> AttentionSegment:
-        if self.native_attention is not None:
-            return self._native_segment(seqs, positions, flat)
         B = len(seqs)
         q_max = max(len(s.token_ids) for s in seqs)
         k_max = max(s.start_pos + len(s.token_ids) for s in seqs)

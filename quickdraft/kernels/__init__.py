@@ -88,15 +88,21 @@ class PackedLinear:
         self.packed = torch.empty(-(-self.out_features // 16), self.in_features, 16, dtype=torch.float32)
         lib.qd_pack_f32(w.data_ptr(), self.out_features, self.in_features, self.packed.data_ptr())
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x: [M, K] float32 -> [M, N]."""
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [M, K] float32 -> x W^T + bias [M, N]; with ``residual`` ([M, N], contiguous rows)
+        the result is residual + (x W^T + bias), written into ``residual`` and returned."""
         if x.stride(-1) != 1:
             x = x.contiguous()
         M = x.shape[0]
-        y = torch.empty(M, self.out_features, dtype=torch.float32)
+        if residual is not None:
+            assert residual.shape == (M, self.out_features) and residual.stride(-1) == 1
+            y = residual
+        else:
+            y = torch.empty(M, self.out_features, dtype=torch.float32)
         self._fn(x.data_ptr(), M, x.stride(0), self.packed.data_ptr(), self.out_features, self.in_features,
-                 None if bias is None else bias.data_ptr(), y.data_ptr(), self.out_features,
-                 torch.get_num_threads())
+                 None if bias is None else bias.data_ptr(), None if residual is None else residual.data_ptr(),
+                 y.stride(0), y.data_ptr(), y.stride(0), torch.get_num_threads())
         return y
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
@@ -112,7 +118,7 @@ def linear_kernel() -> Callable[[torch.Tensor], PackedLinear] | None:
     if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.qd_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
+    lib.qd_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, ctypes.c_int]
     lib.qd_linear_f32.restype = None
     lib.qd_pack_f32.argtypes = [ptr, i64, i64, ptr]
     lib.qd_pack_f32.restype = None
@@ -149,3 +155,51 @@ def paged_attention_kernel() -> PagedAttentionKernel | None:
            out.stride(0), torch.get_num_threads())
 
     return attention
+
+
+class LayerOps:
+    """The fused small operations of ``ops_f32.c`` on float32 CPU tensors."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.qd_rms_norm_f32.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, i64, c_int]
+        lib.qd_rope_cache_f32.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
+        lib.qd_silu_mul_f32.argtypes = [ptr, i64, i64, ptr, c_int]
+        for fn in (lib.qd_rms_norm_f32, lib.qd_rope_cache_f32, lib.qd_silu_mul_f32):
+            fn.restype = None
+        self._lib = lib
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x: [M, H] (unit stride within rows) -> weight * x / sqrt(mean(x^2) + eps), [M, H]."""
+        M, H = x.shape
+        assert x.stride(1) == 1
+        out = torch.empty(M, H, dtype=torch.float32)
+        self._lib.qd_rms_norm_f32(x.data_ptr(), M, x.stride(0), H, weight.data_ptr(), eps, out.data_ptr(), H,
+                                  torch.get_num_threads())
+        return out
+
+    def rope_cache(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                   cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                   kv_cache: torch.Tensor) -> None:
+        """Rotary embedding in place on the query and key heads of qkv [T, (H + 2 Hkv) D], then
+        keys and values into their slots of kv_cache [2, slots, Hkv, D]; cos/sin [positions, D]."""
+        T = qkv.shape[0]
+        assert qkv.is_contiguous() and kv_cache.is_contiguous() and head_dim <= 512
+        self._lib.qd_rope_cache_f32(qkv.data_ptr(), T, qkv.stride(0), num_heads, num_kv_heads, head_dim,
+                                    cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), slot_mapping.data_ptr(),
+                                    kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), torch.get_num_threads())
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up: [M, 2I] contiguous -> silu(gate) * up, [M, I]."""
+        M, two_i = gate_up.shape
+        assert gate_up.is_contiguous()
+        out = torch.empty(M, two_i // 2, dtype=torch.float32)
+        self._lib.qd_silu_mul_f32(gate_up.data_ptr(), M, two_i // 2, out.data_ptr(), torch.get_num_threads())
+        return out
+
+
+@lru_cache(maxsize=None)
+def layer_ops() -> LayerOps | None:
+    """The fused float32 layer operations, or None where native kernels are unavailable."""
+    lib = _library("ops_f32")
+    return None if lib is None else LayerOps(lib)

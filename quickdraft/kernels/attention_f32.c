@@ -37,7 +37,7 @@ void qd_paged_attention_f32(const float* q, int64_t q_stride, const float* k_cac
 #pragma omp parallel num_threads(num_threads)
     {
         float* scores = (float*)malloc(sizeof(float) * (size_t)(max_context > 0 ? max_context : 1));
-#pragma omp for schedule(static)
+#pragma omp for schedule(static, 1)
         for (int64_t item = 0; item < num_queries * H; ++item) {
             const int64_t i = item / H, h = item % H, kvh = h / G;
             const int64_t pos = query_pos[i];

@@ -1,11 +1,12 @@
 /* Batch-invariant float32 linear layer for x86-64 CPUs with AVX2 and FMA.
  *
- * y[m, n] = bias[n] + sum_k x[m, k] * w[n, k]      x: [M, K], y: [M, N]
+ * y[m, n] = (sum_k x[m, k] * w[n, k] + bias[n]) + residual[m, n]      x: [M, K], y: [M, N]
+ * (bias and residual optional; y may be the residual itself, updated in place)
  *
  * The weight is stored packed in panels of 16 output features, [ceil(N / 16), K, 16] (see
  * qd_pack_f32), so that one pass over a panel streams 64 contiguous bytes per k. Each output
  * element is one lane of one accumulator, updated by a fused multiply-add for k = 0, 1, ..., K-1
- * in that order, then the bias is added. That order depends on nothing else: not on M, not on
+ * in that order, then the bias and then the residual are added. That order depends on nothing else: not on M, not on
  * the tile of rows an element lands in, not on the thread. A row's result is therefore
  * bit-identical whether it is computed alone (decode) or with other rows (verification of drafted
  * tokens, batches, prefills), which is what keeps greedy speculative decoding exact.
@@ -33,14 +34,16 @@ void qd_pack_f32(const float* w, int64_t N, int64_t K, float* packed) {
     }
 }
 
-static inline void store_row(__m256 lo, __m256 hi, float* yr, const float* bias, int64_t n0, int64_t ncols) {
+static inline void store_row(__m256 lo, __m256 hi, float* yr, const float* bias, const float* rr,
+                             int64_t n0, int64_t ncols) {
     float out[NR];
     _mm256_storeu_ps(out, lo);
     _mm256_storeu_ps(out + 8, hi);
     if (bias)
-        for (int64_t c = 0; c < ncols; ++c) yr[c] = out[c] + bias[n0 + c];
-    else
-        memcpy(yr, out, sizeof(float) * (size_t)ncols);
+        for (int64_t c = 0; c < ncols; ++c) out[c] = out[c] + bias[n0 + c];
+    if (rr)
+        for (int64_t c = 0; c < ncols; ++c) out[c] = rr[c] + out[c];
+    memcpy(yr, out, sizeof(float) * (size_t)ncols);
 }
 
 /* Rows [m0, m0 + MR) of x against one panel: MR x 16 outputs in 2 * MR named accumulators
@@ -52,7 +55,9 @@ static inline void store_row(__m256 lo, __m256 hi, float* yr, const float* bias,
         c##r##0 = _mm256_fmadd_ps(xb, w0, c##r##0);                                                  \
         c##r##1 = _mm256_fmadd_ps(xb, w1, c##r##1);                                                  \
     }
-#define ACC_STORE(r) store_row(c##r##0, c##r##1, y + (m0 + (r)) * ldy + n0, bias, n0, ncols);
+#define ACC_STORE(r)                                                                                 \
+    store_row(c##r##0, c##r##1, y + (m0 + (r)) * ldy + n0, bias,                                     \
+              res ? res + (m0 + (r)) * ldr + n0 : 0, n0, ncols);
 #define REP1(M) M(0)
 #define REP2(M) REP1(M) M(1)
 #define REP3(M) REP2(M) M(2)
@@ -62,8 +67,8 @@ static inline void store_row(__m256 lo, __m256 hi, float* yr, const float* bias,
 
 #define DEFINE_TILE(MR)                                                                              \
     static void tile_##MR(const float* x, int64_t ldx, const float* panel, int64_t K,               \
-                          const float* bias, float* y, int64_t ldy, int64_t m0, int64_t n0,         \
-                          int64_t ncols) {                                                           \
+                          const float* bias, const float* res, int64_t ldr, float* y, int64_t ldy,  \
+                          int64_t m0, int64_t n0, int64_t ncols) {                                   \
         REP##MR(ACC_DECL)                                                                            \
         const float* xr = x + m0 * ldx;                                                              \
         for (int64_t k = 0; k < K; ++k) {                                                            \
@@ -81,8 +86,8 @@ DEFINE_TILE(4)
 DEFINE_TILE(5)
 DEFINE_TILE(6)
 
-typedef void (*tile_fn)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t,
-                        int64_t, int64_t, int64_t);
+typedef void (*tile_fn)(const float*, int64_t, const float*, int64_t, const float*, const float*, int64_t,
+                        float*, int64_t, int64_t, int64_t, int64_t);
 static const tile_fn TILES[7] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6};
 
 /* Rows of x are taken in chunks that stay in L2 while a panel streams past them; the
@@ -91,7 +96,7 @@ static const tile_fn TILES[7] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile
 
 /* packed: from qd_pack_f32. */
 void qd_linear_f32(const float* x, int64_t M, int64_t ldx, const float* packed, int64_t N, int64_t K,
-                   const float* bias, float* y, int64_t ldy, int num_threads) {
+                   const float* bias, const float* res, int64_t ldr, float* y, int64_t ldy, int num_threads) {
     const int64_t panels = (N + NR - 1) / NR;
     for (int64_t mc = 0; mc < M; mc += M_CHUNK) {
         const int64_t me = mc + M_CHUNK < M ? mc + M_CHUNK : M;
@@ -101,8 +106,8 @@ void qd_linear_f32(const float* x, int64_t M, int64_t ldx, const float* packed, 
             const int64_t n0 = p * NR;
             const int64_t ncols = N - n0 < NR ? N - n0 : NR;
             int64_t m = mc;
-            for (; m + 6 <= me; m += 6) tile_6(x, ldx, panel, K, bias, y, ldy, m, n0, ncols);
-            if (m < me) TILES[me - m](x, ldx, panel, K, bias, y, ldy, m, n0, ncols);
+            for (; m + 6 <= me; m += 6) tile_6(x, ldx, panel, K, bias, res, ldr, y, ldy, m, n0, ncols);
+            if (m < me) TILES[me - m](x, ldx, panel, K, bias, res, ldr, y, ldy, m, n0, ncols);
         }
     }
 }

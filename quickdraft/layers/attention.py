@@ -4,7 +4,7 @@ The new tokens of a step are flat ([T, heads, head_dim]); their keys and values 
 their cache slots first, then each *segment* of sequences attends over its cached context. A
 segment is either a batch of short queries (decodes, verification runs) padded to a common
 length, or one long prefill; a prefill with no cached prefix is plain causal attention on the
-new tokens. On CPU in float32 short queries go to the native kernel (kernels/attention_f32.c),
+new tokens. On CPU in float32 every query goes to the native kernel (kernels/attention_f32.c),
 which reads the paged cache in place.
 """
 
@@ -71,11 +71,13 @@ def _attention_float64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_slots, Hkv, D]. Returns [T, H * D]."""
+                    meta: AttentionMetadata, scale: float, write_cache: bool = True) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_slots, Hkv, D]. Returns [T, H * D].
+    ``write_cache=False`` when k and v are already in their slots."""
     T, H, D = q.shape
-    kv_cache[0].index_copy_(0, meta.slot_mapping, k)
-    kv_cache[1].index_copy_(0, meta.slot_mapping, v)
+    if write_cache:
+        kv_cache[0].index_copy_(0, meta.slot_mapping, k)
+        kv_cache[1].index_copy_(0, meta.slot_mapping, v)
     if len(meta.segments) == 1 and meta.segments[0].kv_slots is None and meta.segments[0].native is None:
         # One prefill without cached prefix: causal attention on the new tokens.
         out = F.scaled_dot_product_attention(
