@@ -5,13 +5,22 @@ generated together (transformers: its padded batch `generate`). Runs alternate b
 and the table reports medians and ratios; this machine is shared, so ratios matter, not
 absolutes. transformers is measured in float32 and bfloat16 and its faster one is the peer.
 
+Also reported: the memory roofline of batch-1 decode (weight bytes read per step / DRAM read
+bandwidth measured in this run by streaming a 1 GiB buffer), the GGUF load time, and the peak
+resident memory of a process that loads quickdraft alone and runs both workloads, against
+weights + KV-cache budget.
+
     python benchmarks/throughput.py [--repeats 3] [--new-tokens 128] [--batch-new-tokens 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -46,6 +55,56 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -
     return (out.shape[1] - width) * len(prompts)
 
 
+def weight_bytes(llm: LLM) -> tuple[int, int]:
+    """(bytes held for the weights, bytes read by one decode step): parameters plus the native
+    kernels' packed matrices; a step reads everything but the embedding table and rotary tables."""
+    model = llm.engine.runner.model
+    held = read = 0
+    for name, p in model.named_parameters():
+        n = p.numel() * p.element_size()
+        held += n
+        read += 0 if name == "embed_tokens" or (name == "lm_head.weight" and model.cfg.tie_word_embeddings) else n
+    for module in model.modules():
+        native = getattr(module, "native", None)
+        packed = native.packed if native is not None else getattr(module, "packed", None)
+        if packed is not None:
+            n = packed.numel() * packed.element_size()
+            held, read = held + n, read + n
+    if model.cfg.tie_word_embeddings and model.embed_tokens.numel() and model.lm_head.native is None \
+            and model.lm_head.packed is None:
+        read += model.embed_tokens.numel() * model.embed_tokens.element_size()  # F.linear on the tied table
+    return held, read
+
+
+def dram_read_bandwidth(repeats: int = 7) -> float:
+    """Bytes/s of a streaming read of a 1 GiB float32 buffer (median), on torch's threads."""
+    buf = torch.ones(256 * 1024 * 1024)
+    buf.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t0)
+    return buf.numel() * 4 / statistics.median(times)
+
+
+def memory_child(new_tokens: int, batch_new_tokens: int) -> None:
+    """Run in a fresh process: load, run batch-1 and batch-32, print peak RSS and budgets."""
+    llm = LLM()
+    held, _ = weight_bytes(llm)
+    tok = llm.get_tokenizer()
+    chat = lambda q: tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True)
+    for prompts, n in (([chat("Write a short story about a robot who learns to paint.")], new_tokens),
+                       ([chat(f"Tell me three facts about {t}.") for t in TOPICS], batch_new_tokens)):
+        llm.generate([{"prompt_token_ids": p} for p in prompts],
+                     SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+    cfg = llm.config
+    from quickdraft.engine.model_runner import ModelRunner
+    kv = cfg.num_kv_blocks * ModelRunner.kv_bytes_per_block(llm.model_config, cfg.block_size, cfg.dtype)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    print(json.dumps({"peak_rss": peak, "weights": held, "kv_budget": kv, "load_s": llm.load_seconds}))
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -62,9 +121,16 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args.new_tokens, args.batch_new_tokens)
+        return
+    child = [sys.executable, __file__, "--memory-child", "--new-tokens", str(args.new_tokens),
+             "--batch-new-tokens", str(args.batch_new_tokens)] + (["--threads", str(args.threads)] if args.threads else [])
+    mem = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
     t0 = time.perf_counter()
     llm = LLM()
@@ -105,6 +171,8 @@ def main() -> None:
                 s, n = timed(lambda: hf_generate(model, batch, args.batch_new_tokens, pad_id))
                 results[name]["b32"].append(n / s)
 
+    bandwidth = dram_read_bandwidth()
+    _, step_bytes = weight_bytes(llm)
     med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
     peer_b1 = max(med[p]["b1"] for p in peers)
     peer_b32 = max(med[p]["b32"] for p in peers)
@@ -116,6 +184,16 @@ def main() -> None:
     for name in ours_engines:
         print(f"{name + ' / best peer':<40} batch-1 {med[name]['b1'] / peer_b1:.2f}x   "
               f"batch-32 {med[name]['b32'] / peer_b32:.2f}x")
+    auto = next(iter(ours_engines))
+    roof = bandwidth / step_bytes
+    print(f"memory roofline, batch-1 {auto}: {step_bytes / 2**20:.0f} MiB of weights per step / "
+          f"{bandwidth / 1e9:.1f} GB/s read bandwidth = {roof:.1f} tok/s; measured {med[auto]['b1']:.1f} tok/s "
+          f"= {100 * med[auto]['b1'] / roof:.0f}% of the roofline")
+    budget = mem["weights"] + mem["kv_budget"] + 300 * 2**20
+    print(f"peak RSS (quickdraft alone, both workloads): {mem['peak_rss'] / 2**20:.0f} MiB; weights "
+          f"{mem['weights'] / 2**20:.0f} MiB + KV budget {mem['kv_budget'] / 2**20:.0f} MiB + 300 MiB = "
+          f"{budget / 2**20:.0f} MiB ({'within' if mem['peak_rss'] <= budget else 'OVER'}); "
+          f"load {mem['load_s']:.2f} s")
 
 
 if __name__ == "__main__":
