@@ -131,7 +131,7 @@ def test_fallback_kernels_keep_speculation_exact(tiny_checkpoint, monkeypatch):
     _without_native_kernels(monkeypatch)
     path = str(tiny_checkpoint("llama"))
     plain = LLM(path, dtype="float32", device="cpu", max_model_len=256)
-    assert plain.engine.runner.native_attention is None and plain.engine.runner.model.layers[0].ops is None
+    assert plain.engine.runner.native_attention is None and plain.engine.runner.model.native_decoder is None
     assert all(lin.native is None for lin in (plain.engine.runner.model.layers[0].qkv_proj,
                                               plain.engine.runner.model.lm_head))
     prompts = repetitive_prompts(16, seed=3)

@@ -1,10 +1,10 @@
 """Native CPU kernels, compiled on first use with the system C compiler and cached.
 
-The kernels are plain C (no Python or torch headers), so building one takes about a second; it
-is called through ctypes on torch tensors' memory. OpenMP comes from the ``libgomp.so.1`` that
+The kernels are plain C (no Python or torch headers), built into one library in a few seconds
+and called through ctypes on torch tensors' memory. OpenMP comes from the ``libgomp.so.1`` that
 torch has already loaded, so the kernels and torch share one thread pool. When no compiler is
-found, the CPU lacks AVX2/FMA, or ``QUICKDRAFT_NATIVE_KERNELS=0`` is set, :func:`linear_kernel`
-returns None and callers use torch's own kernels instead.
+found, the CPU lacks AVX2/FMA, or ``QUICKDRAFT_NATIVE_KERNELS=0`` is set, the accessors below
+return None and callers use torch's own kernels instead.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 logger = logging.getLogger("quickdraft")
 
 _SOURCE_DIR = Path(__file__).parent
+_SOURCES = ("linear_f32.c", "attention_f32.c", "ops_f32.c", "decoder_f32.c")
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -44,25 +45,27 @@ def _cpu_supported() -> bool:
     return "avx2" in flags and "fma" in flags
 
 
-def _build(name: str) -> Path | None:
-    """Compile ``<name>.c`` into the cache (once per source and flags) and return the library."""
-    source = _SOURCE_DIR / f"{name}.c"
+def _build() -> Path | None:
+    """Compile the C sources into one library in the cache (once per sources and flags)."""
+    sources = [_SOURCE_DIR / name for name in _SOURCES]
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         logger.info("No C compiler found; using torch's CPU kernels.")
         return None
-    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *_CFLAGS]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"{name}-{digest}.so"
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in sources)
+                            + " ".join([compiler, *_CFLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"quickdraft_cpu-{digest}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build under a temporary name and rename: concurrent processes never see a partial file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    result = subprocess.run([compiler, *_CFLAGS, str(source), "-o", tmp, "-lm"], capture_output=True, text=True)
+    result = subprocess.run([compiler, *_CFLAGS, *map(str, sources), "-o", tmp, "-lm"], capture_output=True,
+                            text=True)
     if result.returncode != 0:
         os.unlink(tmp)
-        logger.warning("Could not compile %s (%s); using torch's CPU kernels.", source.name,
+        logger.warning("Could not compile the native kernels (%s); using torch's CPU kernels.",
                        result.stderr.strip()[-500:])
         return None
     os.replace(tmp, target)
@@ -70,10 +73,11 @@ def _build(name: str) -> Path | None:
 
 
 @lru_cache(maxsize=None)
-def _library(name: str) -> ctypes.CDLL | None:
+def native_library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they are unavailable."""
     if os.environ.get("QUICKDRAFT_NATIVE_KERNELS", "1") == "0" or not _cpu_supported():
         return None
-    path = _build(name)
+    path = _build()
     return None if path is None else ctypes.CDLL(str(path))
 
 
@@ -114,7 +118,7 @@ class PackedLinear:
 def linear_kernel() -> Callable[[torch.Tensor], PackedLinear] | None:
     """``pack(weight [N, K]) -> PackedLinear`` for the native float32 linear, or None where it is
     unavailable."""
-    lib = _library("linear_f32")
+    lib = native_library()
     if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -132,7 +136,7 @@ PagedAttentionKernel = Callable[..., None]
 def paged_attention_kernel() -> PagedAttentionKernel | None:
     """The batch-invariant float32 short-query attention of ``attention_f32.c`` (arguments as in
     the C signature, tensors passed as tensors), or None where it is unavailable."""
-    lib = _library("attention_f32")
+    lib = native_library()
     if lib is None:
         return None
     fn = lib.qd_paged_attention_f32
@@ -201,5 +205,5 @@ class LayerOps:
 @lru_cache(maxsize=None)
 def layer_ops() -> LayerOps | None:
     """The fused float32 layer operations, or None where native kernels are unavailable."""
-    lib = _library("ops_f32")
+    lib = native_library()
     return None if lib is None else LayerOps(lib)

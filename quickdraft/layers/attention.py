@@ -71,13 +71,11 @@ def _attention_float64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, write_cache: bool = True) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_slots, Hkv, D]. Returns [T, H * D].
-    ``write_cache=False`` when k and v are already in their slots."""
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_slots, Hkv, D]. Returns [T, H * D]."""
     T, H, D = q.shape
-    if write_cache:
-        kv_cache[0].index_copy_(0, meta.slot_mapping, k)
-        kv_cache[1].index_copy_(0, meta.slot_mapping, v)
+    kv_cache[0].index_copy_(0, meta.slot_mapping, k)
+    kv_cache[1].index_copy_(0, meta.slot_mapping, v)
     if len(meta.segments) == 1 and meta.segments[0].kv_slots is None and meta.segments[0].native is None:
         # One prefill without cached prefix: causal attention on the new tokens.
         out = F.scaled_dot_product_attention(

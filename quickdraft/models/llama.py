@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quickdraft.kernels import LayerOps, layer_ops
+from quickdraft.kernels import layer_ops
+from quickdraft.kernels.decoder import NativeDecoder
 from quickdraft.layers.attention import AttentionMetadata, paged_attention
 from quickdraft.layers.linear import Linear
 from quickdraft.layers.norm import rms_norm
@@ -41,26 +42,6 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Linear(h, 2 * cfg.intermediate_size, cfg.mlp_bias, dtype, device)
         self.down_proj = Linear(cfg.intermediate_size, h, cfg.mlp_bias, dtype, device)
         self.scale = d**-0.5
-        self.ops: LayerOps | None = None  # fused CPU float32 operations, set by pack_linears
-
-    def forward_native(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                       kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The layer on CPU in float32 with native kernels only (few calls, no temporaries beyond
-        the activations); same math as forward(). x: [T, hidden] is updated in place."""
-        ops, T = self.ops, x.shape[0]
-        qkv = self.qkv_proj(ops.rms_norm(x, self.input_layernorm, self.eps))  # [T, q + 2 kv]
-        if self.q_norm is not None:
-            for norm, lo, n in ((self.q_norm, 0, self.n_heads), (self.k_norm, self.q_size, self.n_kv)):
-                heads = qkv[:, lo:lo + n * self.head_dim].reshape(T * n, self.head_dim)
-                qkv[:, lo:lo + n * self.head_dim] = ops.rms_norm(heads, norm, self.eps).view(T, -1)
-        ops.rope_cache(qkv, self.n_heads, self.n_kv, self.head_dim, rotary.cos, rotary.sin, positions,
-                       meta.slot_mapping, kv_cache)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        attn = paged_attention(q.view(T, self.n_heads, self.head_dim), k.view(T, self.n_kv, self.head_dim),
-                               v.view(T, self.n_kv, self.head_dim), kv_cache, meta, self.scale, write_cache=False)
-        x = self.o_proj.native(attn, self.o_proj.bias, residual=x)
-        gate_up = self.gate_up_proj(ops.rms_norm(x, self.post_attention_layernorm, self.eps))  # [T, 2 inter]
-        return self.down_proj.native(ops.silu_mul(gate_up), self.down_proj.bias, residual=x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -94,6 +75,7 @@ class DecoderForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype, device)
+        self.native_decoder: NativeDecoder | None = None  # CPU float32 with native kernels (pack_linears)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -102,11 +84,11 @@ class DecoderForCausalLM(nn.Module):
             x = self.lm_head.native.rows(input_ids)
         else:
             x = F.embedding(input_ids, self.embed_tokens)
-        if self.layers[0].ops is not None:
-            x = x.contiguous()  # a fresh [T, hidden] tensor, updated in place below
-            for layer, kv_cache in zip(self.layers, kv_caches):
-                x = layer.forward_native(x, positions, self.rotary, kv_cache, meta)
-            return self.layers[0].ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        segs = meta.segments
+        if self.native_decoder is not None and len(segs) == 1 and segs[0].native is not None:
+            x = self.native_decoder(x, positions, meta.slot_mapping, segs[0].native, self.rotary.cos,
+                                    self.rotary.sin, kv_caches)
+            return layer_ops().rms_norm(x, self.norm, self.cfg.rms_norm_eps)
         cos, sin = self.rotary.tables(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv_cache, meta)
@@ -125,11 +107,11 @@ class DecoderForCausalLM(nn.Module):
                 lin.pack()
         tied = self.cfg.tie_word_embeddings
         self.lm_head.pack(keep_weight=tied)
-        ops = layer_ops()
-        for layer in self.layers:
-            lins = (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
-            if ops is not None and all(lin.native is not None for lin in lins) and layer.head_dim <= 512:
-                layer.ops = ops
+        native = all(lin.native is not None for layer in self.layers
+                     for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj))
+        if native and layer_ops() is not None and self.cfg.head_dim % 8 == 0 and self.cfg.head_dim <= 256:
+            self.native_decoder = NativeDecoder(list(self.layers), self.cfg.hidden_size, self.cfg.intermediate_size,
+                                                self.cfg.rms_norm_eps)
         if tied and self.lm_head.native is not None:
             self.embed_tokens = _param(0, dtype=self.embed_tokens.dtype, device=self.embed_tokens.device)
             self.lm_head.weight = self.embed_tokens

@@ -1,0 +1,73 @@
+/* A whole decoder stack (Llama family) for one step on CPU in float32, in one call: for each
+ * layer, exactly the calls the Python path makes (models/llama.py, DecoderLayer.forward_native),
+ * in the same order and with the same kernels, so the results are bit-identical to it; only the
+ * Python overhead of ~10 calls per layer is gone.
+ */
+#include <stdint.h>
+
+void qd_linear_f32(const float* x, int64_t M, int64_t ldx, const float* packed, int64_t N, int64_t K,
+                   const float* bias, const float* res, int64_t ldr, float* y, int64_t ldy, int num_threads);
+void qd_paged_attention_f32(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+                            const int64_t* query_token, const int64_t* query_pos, const int64_t* query_seq,
+                            int64_t num_queries, const int64_t* block_tables, int64_t max_blocks,
+                            int64_t block_size, int64_t H, int64_t Hkv, int64_t D, float scale,
+                            int64_t window, int64_t max_context, float* out, int64_t out_stride,
+                            int num_threads);
+void qd_rms_norm_f32(const float* x, int64_t M, int64_t ldx, int64_t H, const float* w, float eps,
+                     float* out, int64_t ldo, int num_threads);
+void qd_rope_cache_f32(float* qkv, int64_t T, int64_t ld, int64_t H, int64_t Hkv, int64_t D,
+                       const float* cos_t, const float* sin_t, const int64_t* positions,
+                       const int64_t* slot_mapping, float* k_cache, float* v_cache, int num_threads);
+void qd_silu_mul_f32(const float* gu, int64_t M, int64_t I, float* out, int num_threads);
+
+typedef struct {
+    const float *input_norm, *post_norm, *q_norm, *k_norm; /* q_norm/k_norm: NULL unless Qwen3 */
+    const float *qkv, *qkv_bias, *o, *o_bias, *gate_up, *gate_up_bias, *down, *down_bias;
+    float *k_cache, *v_cache; /* [slots, Hkv, D] each */
+} qd_layer;
+
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, intermediate, window, block_size;
+    float eps, scale;
+} qd_dims;
+
+typedef struct {
+    int64_t T;
+    const int64_t *positions, *slot_mapping;             /* [T] */
+    const int64_t *query_token, *query_pos, *query_seq;  /* [num_queries] */
+    int64_t num_queries;
+    const int64_t* block_tables;                          /* [B, max_blocks] */
+    int64_t max_blocks, max_context;
+    const float *cos, *sin;                               /* [max_positions, D] */
+    float *h, *qkv, *attn, *gate_up, *act;               /* scratch, [T, *] */
+} qd_step;
+
+void qd_decoder_f32(float* x, const qd_layer* layers, int64_t num_layers, const qd_dims* d, const qd_step* s,
+                    int num_threads) {
+    const int64_t T = s->T, Hd = d->hidden, D = d->head_dim;
+    const int64_t q_size = d->heads * D, kv_size = d->kv_heads * D, ld_qkv = q_size + 2 * kv_size;
+    for (int64_t l = 0; l < num_layers; ++l) {
+        const qd_layer* L = layers + l;
+        qd_rms_norm_f32(x, T, Hd, Hd, L->input_norm, d->eps, s->h, Hd, num_threads);
+        qd_linear_f32(s->h, T, Hd, L->qkv, ld_qkv, Hd, L->qkv_bias, 0, 0, s->qkv, ld_qkv, num_threads);
+        if (L->q_norm) {
+            for (int64_t t = 0; t < T; ++t) {
+                float* row = s->qkv + t * ld_qkv;
+                qd_rms_norm_f32(row, d->heads, D, D, L->q_norm, d->eps, row, D, 1);
+                qd_rms_norm_f32(row + q_size, d->kv_heads, D, D, L->k_norm, d->eps, row + q_size, D, 1);
+            }
+        }
+        qd_rope_cache_f32(s->qkv, T, ld_qkv, d->heads, d->kv_heads, D, s->cos, s->sin, s->positions,
+                          s->slot_mapping, L->k_cache, L->v_cache, num_threads);
+        qd_paged_attention_f32(s->qkv, ld_qkv, L->k_cache, L->v_cache, s->query_token, s->query_pos, s->query_seq,
+                               s->num_queries, s->block_tables, s->max_blocks, d->block_size, d->heads,
+                               d->kv_heads, D, d->scale, d->window, s->max_context, s->attn, q_size, num_threads);
+        qd_linear_f32(s->attn, T, q_size, L->o, Hd, q_size, L->o_bias, x, Hd, x, Hd, num_threads);
+        qd_rms_norm_f32(x, T, Hd, Hd, L->post_norm, d->eps, s->h, Hd, num_threads);
+        qd_linear_f32(s->h, T, Hd, L->gate_up, 2 * d->intermediate, Hd, L->gate_up_bias, 0, 0, s->gate_up,
+                      2 * d->intermediate, num_threads);
+        qd_silu_mul_f32(s->gate_up, T, d->intermediate, s->act, num_threads);
+        qd_linear_f32(s->act, T, d->intermediate, L->down, Hd, d->intermediate, L->down_bias, x, Hd, x, Hd,
+                      num_threads);
+    }
+}
