@@ -52,7 +52,8 @@ def _build() -> Path | None:
     if compiler is None:
         logger.info("No C compiler found; using torch's CPU kernels.")
         return None
-    digest = hashlib.sha256(b"".join(src.read_bytes() for src in sources)
+    headers = sorted(_SOURCE_DIR.glob("*.h"))
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in [*sources, *headers])
                             + " ".join([compiler, *_CFLAGS]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"quickdraft_cpu-{digest}.so"
     if target.is_file():

@@ -2,20 +2,10 @@
  * calls instead of dozens of tensor operations (x86-64, AVX2 + FMA). Each output element is
  * computed in a fixed order that depends only on its own row, so results are batch-invariant.
  */
-#include <immintrin.h>
+#include "simd_f32.h"
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-
-static inline float hsum8(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v);
-    __m128 hi = _mm256_extractf128_ps(v, 1);
-    __m128 s = _mm_add_ps(lo, hi);
-    __m128 t = _mm_movehl_ps(s, s);
-    s = _mm_add_ps(s, t);
-    t = _mm_shuffle_ps(s, s, 0x55);
-    return _mm_cvtss_f32(_mm_add_ss(s, t));
-}
 
 /* out[m] = w * (x[m] / sqrt(mean(x[m]^2) + eps)) for M rows of length H (row strides ldx, ldo).
  * Also used per head (rows of head_dim) for Qwen3's q/k norms. */
@@ -64,25 +54,6 @@ void qd_rope_cache_f32(float* qkv, int64_t T, int64_t ld, int64_t H, int64_t Hkv
         memcpy(k_cache + slot * Hkv * D, row + H * D, sizeof(float) * (size_t)(Hkv * D));
         memcpy(v_cache + slot * Hkv * D, row + (H + Hkv) * D, sizeof(float) * (size_t)(Hkv * D));
     }
-}
-
-/* exp(x) for 8 lanes: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial (relative
- * error ~2e-7), times 2^n through the exponent bits. Inputs are clamped to [-87, 88]. */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
 static inline __m256 silu_mul8(__m256 g, __m256 u) {
