@@ -17,7 +17,7 @@ needs_kernels = pytest.mark.skipif(linear_kernel() is None or paged_attention_ke
 
 
 @needs_kernels
-@pytest.mark.parametrize("K, N, bias", [(576, 960, False), (37, 13, True), (64, 7, True)])
+@pytest.mark.parametrize("K, N, bias", [(576, 960, False), (37, 13, True), (64, 7, True), (64, 40, True)])
 def test_linear_matches_torch_and_is_batch_invariant(K, N, bias):
     g = torch.Generator().manual_seed(K + N)
     w = torch.randn(N, K, generator=g)
@@ -146,3 +146,15 @@ def test_fallback_kernels_keep_speculation_exact(tiny_checkpoint, monkeypatch):
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert sum(o.metrics.num_draft_tokens for o in outs) > 0
     assert sum(o.metrics.num_accepted_tokens for o in outs) > 0
+
+
+def test_build_falls_back_cleanly_when_compiling_fails(tmp_path, monkeypatch, caplog):
+    """A broken compiler means torch's kernels, with a warning, not an error."""
+    import quickdraft.kernels as kernels
+
+    monkeypatch.setenv("QUICKDRAFT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    with caplog.at_level("WARNING", logger="quickdraft"):
+        assert kernels._build() is None
+    assert "Could not compile the native kernels" in caplog.text
+    assert not list((tmp_path / "kernels").glob("*.so"))  # no partial library left behind

@@ -78,8 +78,12 @@ def native_library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they are unavailable."""
     if os.environ.get("QUICKDRAFT_NATIVE_KERNELS", "1") == "0" or not _cpu_supported():
         return None
-    path = _build()
-    return None if path is None else ctypes.CDLL(str(path))
+    try:
+        path = _build()
+        return None if path is None else ctypes.CDLL(str(path))
+    except OSError as e:  # unwritable cache, unloadable library
+        logger.warning("Native kernels unavailable (%s); using torch's CPU kernels.", e)
+        return None
 
 
 class PackedLinear:

@@ -86,6 +86,22 @@ DEFINE_TILE(4)
 DEFINE_TILE(5)
 DEFINE_TILE(6)
 
+/* One row against two panels at once: twice the independent loads in flight, which is what a
+ * one-token decode (memory-bound) needs. Same per-element order as the tiles above. */
+static void tile_1_2p(const float* x, const float* panel, const float* panel2, int64_t K, const float* bias,
+                      const float* res, float* y, int64_t n0, int64_t ncols2) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00;
+    for (int64_t k = 0; k < K; ++k) {
+        const __m256 xb = _mm256_broadcast_ss(x + k);
+        c00 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(panel + k * NR), c00);
+        c01 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(panel + k * NR + 8), c01);
+        c10 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(panel2 + k * NR), c10);
+        c11 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(panel2 + k * NR + 8), c11);
+    }
+    store_row(c00, c01, y + n0, bias, res ? res + n0 : 0, n0, NR);
+    store_row(c10, c11, y + n0 + NR, bias, res ? res + n0 + NR : 0, n0 + NR, ncols2);
+}
+
 typedef void (*tile_fn)(const float*, int64_t, const float*, int64_t, const float*, const float*, int64_t,
                         float*, int64_t, int64_t, int64_t, int64_t);
 static const tile_fn TILES[7] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6};
@@ -98,6 +114,18 @@ static const tile_fn TILES[7] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile
 void qd_linear_f32(const float* x, int64_t M, int64_t ldx, const float* packed, int64_t N, int64_t K,
                    const float* bias, const float* res, int64_t ldr, float* y, int64_t ldy, int num_threads) {
     const int64_t panels = (N + NR - 1) / NR;
+    if (M == 1) {
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+        for (int64_t pp = 0; pp < (panels + 1) / 2; ++pp) {
+            const int64_t p = 2 * pp, n0 = p * NR;
+            const float* panel = packed + p * K * NR;
+            if (p + 1 < panels)
+                tile_1_2p(x, panel, panel + K * NR, K, bias, res, y, n0, N - n0 - NR < NR ? N - n0 - NR : NR);
+            else
+                tile_1(x, ldx, panel, K, bias, res, ldr, y, ldy, 0, n0, N - n0 < NR ? N - n0 : NR);
+        }
+        return;
+    }
     for (int64_t mc = 0; mc < M; mc += M_CHUNK) {
         const int64_t me = mc + M_CHUNK < M ? mc + M_CHUNK : M;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
