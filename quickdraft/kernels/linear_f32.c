@@ -86,43 +86,73 @@ DEFINE_TILE(4)
 DEFINE_TILE(5)
 DEFINE_TILE(6)
 
-/* One row against two panels at once: twice the independent loads in flight, which is what a
- * one-token decode (memory-bound) needs. Same per-element order as the tiles above. */
-static void tile_1_2p(const float* x, const float* panel, const float* panel2, int64_t K, const float* bias,
-                      const float* res, float* y, int64_t n0, int64_t ncols2) {
-    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00;
-    for (int64_t k = 0; k < K; ++k) {
-        const __m256 xb = _mm256_broadcast_ss(x + k);
-        c00 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(panel + k * NR), c00);
-        c01 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(panel + k * NR + 8), c01);
-        c10 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(panel2 + k * NR), c10);
-        c11 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(panel2 + k * NR + 8), c11);
+/* Rows [m0, m0 + MR) against two adjacent panels at once (MR <= 3, 4 * MR accumulators): twice
+ * the independent weight streams in flight, which memory-bound decode and verification steps
+ * need. Same per-element order as the tiles above. */
+#define ACC2_DECL(r) __m256 c##r##0 = _mm256_setzero_ps(), c##r##1 = _mm256_setzero_ps(),          \
+                            d##r##0 = _mm256_setzero_ps(), d##r##1 = _mm256_setzero_ps();
+#define ACC2_STEP(r)                                                                                 \
+    {                                                                                                \
+        const __m256 xb = _mm256_broadcast_ss(xr + (r) * ldx + k);                                   \
+        c##r##0 = _mm256_fmadd_ps(xb, w0, c##r##0);                                                  \
+        c##r##1 = _mm256_fmadd_ps(xb, w1, c##r##1);                                                  \
+        d##r##0 = _mm256_fmadd_ps(xb, v0, d##r##0);                                                  \
+        d##r##1 = _mm256_fmadd_ps(xb, v1, d##r##1);                                                  \
     }
-    store_row(c00, c01, y + n0, bias, res ? res + n0 : 0, n0, NR);
-    store_row(c10, c11, y + n0 + NR, bias, res ? res + n0 + NR : 0, n0 + NR, ncols2);
-}
+#define ACC2_STORE(r)                                                                                \
+    store_row(c##r##0, c##r##1, y + (m0 + (r)) * ldy + n0, bias,                                     \
+              res ? res + (m0 + (r)) * ldr + n0 : 0, n0, NR);                                        \
+    store_row(d##r##0, d##r##1, y + (m0 + (r)) * ldy + n0 + NR, bias,                                \
+              res ? res + (m0 + (r)) * ldr + n0 + NR : 0, n0 + NR, ncols2);
+#define DEFINE_TILE2(MR)                                                                             \
+    static void tile2_##MR(const float* x, int64_t ldx, const float* panel, int64_t K,              \
+                           const float* bias, const float* res, int64_t ldr, float* y, int64_t ldy,  \
+                           int64_t m0, int64_t n0, int64_t ncols2) {                                 \
+        const float* panel2 = panel + K * NR;                                                        \
+        REP##MR(ACC2_DECL)                                                                           \
+        const float* xr = x + m0 * ldx;                                                              \
+        for (int64_t k = 0; k < K; ++k) {                                                            \
+            const __m256 w0 = _mm256_loadu_ps(panel + k * NR), w1 = _mm256_loadu_ps(panel + k * NR + 8); \
+            const __m256 v0 = _mm256_loadu_ps(panel2 + k * NR), v1 = _mm256_loadu_ps(panel2 + k * NR + 8); \
+            REP##MR(ACC2_STEP)                                                                       \
+        }                                                                                            \
+        REP##MR(ACC2_STORE)                                                                          \
+    }
+
+DEFINE_TILE2(1)
+DEFINE_TILE2(2)
+DEFINE_TILE2(3)
 
 typedef void (*tile_fn)(const float*, int64_t, const float*, int64_t, const float*, const float*, int64_t,
                         float*, int64_t, int64_t, int64_t, int64_t);
 static const tile_fn TILES[7] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6};
+static const tile_fn TILES2[4] = {0, tile2_1, tile2_2, tile2_3};
 
 /* Rows of x are taken in chunks that stay in L2 while a panel streams past them; the
  * per-element order does not depend on the chunking. */
 #define M_CHUNK 48
+/* Up to this many rows (decode, verification of drafts), the two-panel tiles. */
+#define SMALL_M 12
 
 /* packed: from qd_pack_f32. */
 void qd_linear_f32(const float* x, int64_t M, int64_t ldx, const float* packed, int64_t N, int64_t K,
                    const float* bias, const float* res, int64_t ldr, float* y, int64_t ldy, int num_threads) {
     const int64_t panels = (N + NR - 1) / NR;
-    if (M == 1) {
+    if (M <= SMALL_M) { /* decode / verification: pairs of panels, all rows per pair */
 #pragma omp parallel for schedule(static) num_threads(num_threads)
         for (int64_t pp = 0; pp < (panels + 1) / 2; ++pp) {
             const int64_t p = 2 * pp, n0 = p * NR;
             const float* panel = packed + p * K * NR;
-            if (p + 1 < panels)
-                tile_1_2p(x, panel, panel + K * NR, K, bias, res, y, n0, N - n0 - NR < NR ? N - n0 - NR : NR);
-            else
-                tile_1(x, ldx, panel, K, bias, res, ldr, y, ldy, 0, n0, N - n0 < NR ? N - n0 : NR);
+            int64_t m = 0;
+            if (p + 1 < panels) {
+                const int64_t ncols2 = N - n0 - NR < NR ? N - n0 - NR : NR;
+                for (; m + 3 <= M; m += 3) tile2_3(x, ldx, panel, K, bias, res, ldr, y, ldy, m, n0, ncols2);
+                if (m < M) TILES2[M - m](x, ldx, panel, K, bias, res, ldr, y, ldy, m, n0, ncols2);
+            } else {
+                const int64_t ncols = N - n0 < NR ? N - n0 : NR;
+                for (; m + 6 <= M; m += 6) tile_6(x, ldx, panel, K, bias, res, ldr, y, ldy, m, n0, ncols);
+                if (m < M) TILES[M - m](x, ldx, panel, K, bias, res, ldr, y, ldy, m, n0, ncols);
+            }
         }
         return;
     }
