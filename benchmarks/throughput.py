@@ -6,9 +6,9 @@ and the table reports medians and ratios; this machine is shared, so ratios matt
 absolutes. transformers is measured in float32 and bfloat16 and its faster one is the peer.
 
 Also reported: the memory roofline of batch-1 decode (weight bytes read per step / DRAM read
-bandwidth measured in this run by streaming a 1 GiB buffer, best of 18 reads before and after), the GGUF load time, and the peak
-resident memory of a process that loads quickdraft alone and runs both workloads, against
-weights + KV-cache budget.
+bandwidth measured in this run: best of 18 streaming reads of a 1 GiB buffer), the GGUF load
+time, and the peak resident memory of a process that loads quickdraft alone and runs both
+workloads, against weights + KV-cache budget.
 
     python benchmarks/throughput.py [--repeats 3] [--new-tokens 128] [--batch-new-tokens 64]
 """
