@@ -6,13 +6,15 @@
  * The weight is stored packed in panels of 16 output features, [ceil(N / 16), K, 16] (see
  * qd_pack_f32), so that one pass over a panel streams 64 contiguous bytes per k. Each output
  * element is one lane of one accumulator, updated by a fused multiply-add for k = 0, 1, ..., K-1
- * in that order, then the bias and then the residual are added. That order depends on nothing else: not on M, not on
- * the tile of rows an element lands in, not on the thread. A row's result is therefore
- * bit-identical whether it is computed alone (decode) or with other rows (verification of drafted
- * tokens, batches, prefills), which is what keeps greedy speculative decoding exact.
+ * in that order, then the bias and then the residual are added. That order depends on nothing
+ * else: not on M, not on the tile of rows (or pair of panels) an element lands in, not on the
+ * thread. A row's result is therefore bit-identical whether it is computed alone (decode) or with
+ * other rows (verification of drafted tokens, batches, prefills), which is what keeps greedy
+ * speculative decoding exact.
  *
- * Threads split the panels; each thread sweeps every row of x over a panel while the panel is in
- * its L2 cache, so the weights are read from memory once per call whatever M is.
+ * Threads split the panels; each thread sweeps every row of x over a panel (a pair of panels for
+ * up to SMALL_M rows) while it is in its L2 cache, so the weights are read from memory once per
+ * call whatever M is.
  */
 #include <immintrin.h>
 #include <stdint.h>
