@@ -113,12 +113,10 @@ def test_layer_ops_match_torch_and_are_row_independent():
 
 
 def _without_native_kernels(monkeypatch) -> None:
-    import quickdraft.engine.model_runner as model_runner
     import quickdraft.layers.linear as linear
     import quickdraft.models.llama as llama
 
     monkeypatch.setattr(linear, "linear_kernel", lambda: None)
-    monkeypatch.setattr(model_runner, "paged_attention_kernel", lambda: None)
     monkeypatch.setattr(llama, "layer_ops", lambda: None)
 
 
@@ -131,7 +129,7 @@ def test_fallback_kernels_keep_speculation_exact(tiny_checkpoint, monkeypatch):
     _without_native_kernels(monkeypatch)
     path = str(tiny_checkpoint("llama"))
     plain = LLM(path, dtype="float32", device="cpu", max_model_len=256)
-    assert plain.engine.runner.native_attention is None and plain.engine.runner.model.native_decoder is None
+    assert not plain.engine.runner.native and plain.engine.runner.model.native_decoder is None
     assert all(lin.native is None for lin in (plain.engine.runner.model.layers[0].qkv_proj,
                                               plain.engine.runner.model.lm_head))
     prompts = repetitive_prompts(16, seed=3)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from quickdraft.kernels import paged_attention_kernel
 from quickdraft.layers.attention import AttentionMetadata, AttentionSegment, NativeQueries
 from quickdraft.models.llama import DecoderForCausalLM
 
@@ -37,8 +36,8 @@ class ModelRunner:
         self.kv_cache = torch.empty(cfg.num_hidden_layers, 2, num_blocks * block_size, cfg.num_key_value_heads,
                                     cfg.head_dim, dtype=dtype, device=device)
         self.kv_caches = list(self.kv_cache.unbind(0))
-        native_ok = device.type == "cpu" and dtype == torch.float32 and cfg.head_dim % 8 == 0 and cfg.head_dim <= 256
-        self.native_attention = paged_attention_kernel() if native_ok else None
+        # With the native decoder stack (CPU float32, see models/llama.py) attention runs inside it.
+        self.native = model.native_decoder is not None
 
     @staticmethod
     def kv_bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -58,7 +57,7 @@ class ModelRunner:
         offsets = np.cumsum([0] + [len(s.token_ids) for s in inputs])
         to_dev = lambda a: torch.from_numpy(a).to(self.device)
         flat = [np.arange(offsets[i], offsets[i + 1], dtype=np.int64) for i in range(len(inputs))]
-        if self.native_attention is not None:
+        if self.native:
             # One kernel for every query, prefill or decode: a query's result is then the same
             # however prompts are chunked and batched.
             segments = [self._native_segment(inputs, pos_list, flat)]
@@ -119,7 +118,7 @@ class ModelRunner:
         query_seq = np.repeat(np.arange(len(seqs), dtype=np.int64), [len(s.token_ids) for s in seqs])
         query_pos = np.concatenate(positions)
         native = NativeQueries(
-            kernel=self.native_attention, query_token=torch.from_numpy(np.concatenate(flat)),
+            query_token=torch.from_numpy(np.concatenate(flat)),
             query_pos=torch.from_numpy(query_pos), query_seq=torch.from_numpy(query_seq),
             block_tables=torch.from_numpy(tables), block_size=self.block_size,
             window=self.sliding_window or 0, max_context=int(query_pos.max()) + 1)

@@ -139,8 +139,9 @@ PagedAttentionKernel = Callable[..., None]
 
 @lru_cache(maxsize=None)
 def paged_attention_kernel() -> PagedAttentionKernel | None:
-    """The batch-invariant float32 short-query attention of ``attention_f32.c`` (arguments as in
-    the C signature, tensors passed as tensors), or None where it is unavailable."""
+    """The batch-invariant float32 paged attention of ``attention_f32.c`` on tensors (arguments as
+    in the C signature), or None where it is unavailable. The engine reaches the C function
+    through the decoder stack; this binding lets the kernel be checked on its own."""
     lib = native_library()
     if lib is None:
         return None
@@ -167,7 +168,8 @@ def paged_attention_kernel() -> PagedAttentionKernel | None:
 
 
 class LayerOps:
-    """The fused small operations of ``ops_f32.c`` on float32 CPU tensors."""
+    """The fused small operations of ``ops_f32.c`` on float32 CPU tensors (the final norm; the
+    others run inside the decoder stack and are bound here to be checked on their own)."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int

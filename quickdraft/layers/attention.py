@@ -4,8 +4,8 @@ The new tokens of a step are flat ([T, heads, head_dim]); their keys and values 
 their cache slots first, then each *segment* of sequences attends over its cached context. A
 segment is either a batch of short queries (decodes, verification runs) padded to a common
 length, or one long prefill; a prefill with no cached prefix is plain causal attention on the
-new tokens. On CPU in float32 every query goes to the native kernel (kernels/attention_f32.c),
-which reads the paged cache in place.
+new tokens. On CPU in float32 the native decoder stack (kernels/decoder.py) attends instead,
+from a NativeQueries segment, reading the paged cache in place.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from quickdraft.kernels import PagedAttentionKernel
-
 
 @dataclass
 class NativeQueries:
-    """Short queries for the native paged-attention kernel (no gather, no mask)."""
-    kernel: PagedAttentionKernel
+    """Every query of a step for the native paged-attention kernel (no gather, no mask)."""
     query_token: torch.Tensor  # [Nq] int64 flat index of each query token
     query_pos: torch.Tensor  # [Nq] int64 absolute position
     query_seq: torch.Tensor  # [Nq] int64 row of block_tables
@@ -38,7 +35,7 @@ class AttentionSegment:
     out_index: torch.Tensor  # [n_valid] flat index receiving each valid query's output
     kv_slots: torch.Tensor | None  # [B, Kmax] cache slot of each key position; None = causal self-attention
     mask: torch.Tensor | None  # [B, 1, Qmax, Kmax] bool, True = attend; None with kv_slots=None
-    native: NativeQueries | None = None  # set instead of the four fields above on CPU float32
+    native: NativeQueries | None = None  # set instead of the fields above for the native decoder
 
 
 @dataclass
@@ -76,7 +73,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     T, H, D = q.shape
     kv_cache[0].index_copy_(0, meta.slot_mapping, k)
     kv_cache[1].index_copy_(0, meta.slot_mapping, v)
-    if len(meta.segments) == 1 and meta.segments[0].kv_slots is None and meta.segments[0].native is None:
+    if len(meta.segments) == 1 and meta.segments[0].kv_slots is None:
         # One prefill without cached prefix: causal attention on the new tokens.
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
@@ -84,11 +81,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         return out.transpose(0, 1).reshape(T, H * D)
     out = q.new_empty(T, H * D)
     for seg in meta.segments:
-        if seg.native is not None:
-            n = seg.native
-            n.kernel(q, kv_cache[0], kv_cache[1], n.query_token, n.query_pos, n.query_seq, n.block_tables,
-                     n.block_size, scale, n.window, n.max_context, out)
-            continue
         if seg.kv_slots is None:
             idx = seg.token_index[0]
             o = F.scaled_dot_product_attention(

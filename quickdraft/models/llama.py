@@ -84,9 +84,8 @@ class DecoderForCausalLM(nn.Module):
             x = self.lm_head.native.rows(input_ids)
         else:
             x = F.embedding(input_ids, self.embed_tokens)
-        segs = meta.segments
-        if self.native_decoder is not None and len(segs) == 1 and segs[0].native is not None:
-            x = self.native_decoder(x, positions, meta.slot_mapping, segs[0].native, self.rotary.cos,
+        if self.native_decoder is not None:  # the runner then built one NativeQueries segment
+            x = self.native_decoder(x, positions, meta.slot_mapping, meta.segments[0].native, self.rotary.cos,
                                     self.rotary.sin, kv_caches)
             return layer_ops().rms_norm(x, self.norm, self.cfg.rms_norm_eps)
         cos, sin = self.rotary.tables(positions)
