@@ -28,10 +28,13 @@ def test_linear_matches_torch_and_is_batch_invariant(K, N, bias):
     y = linear(x, w, b)
     ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * K ** 0.5)
-    for m in (1, 2, 3, 5, 6, 33, 64, 65, 70):  # every row alone equals the same row in a batch
+    for m in (1, 2, 3, 4, 5, 6, 9, 12, 33, 64, 65, 70):  # every row alone equals the same row in a batch
         rows = linear(x[:m], w, b)
         for r in range(m):
             assert torch.equal(rows[r], y[r])
+        # the fused residual add is one float32 addition after the product
+        residual = torch.randn(m, N, generator=g)
+        assert torch.equal(packed(x[:m], b, residual.clone()), residual + y[:m])
     # a strided view of rows gives the same bits as its contiguous copy
     assert torch.equal(linear(x[::2], w, b), linear(x[::2].contiguous(), w, b))
     # the packed panels give back the weight's rows (embedding lookup on tied matrices)
@@ -74,6 +77,33 @@ def test_paged_attention_matches_reference_and_is_batch_invariant(window):
         alone = torch.full((1, H * D), float("nan"))
         kernel(q[i:i + 1], k_cache, v_cache, torch.tensor([0]), pos[i:i + 1], torch.tensor([0]),
                tables[seq[i]:seq[i] + 1], bs, 0.3, window, int(pos[i]) + 1, alone)
+        assert torch.equal(alone[0], out[i])
+
+
+@needs_kernels
+@pytest.mark.parametrize("window", [0, 50])
+def test_paged_attention_long_runs_match_alone(window):
+    """A prompt chunk longer than one work item (16 queries) over more keys than one key block
+    (32), with head_dim 64 (the specialised path) beside a decode of another sequence: every
+    query equals the reference and, bit for bit, itself computed alone."""
+    g = torch.Generator().manual_seed(1 + window)
+    H, Hkv, D, bs = 6, 2, 64, 16
+    k_cache = torch.randn(12 * bs, Hkv, D, generator=g)
+    v_cache = torch.randn(12 * bs, Hkv, D, generator=g)
+    tables = torch.tensor([[3, 8, 1, 10, 5, 0], [7, 2, 11, 4, 9, 6]])
+    pos = torch.cat([torch.arange(30, 70), torch.tensor([90])])  # 40 prompt queries of seq 0, one decode
+    seq = torch.cat([torch.zeros(40, dtype=torch.long), torch.ones(1, dtype=torch.long)])
+    T = pos.shape[0]
+    q = torch.randn(T, H, D, generator=g)
+    kernel = paged_attention_kernel()
+    out = torch.full((T, H * D), float("nan"))
+    kernel(q, k_cache, v_cache, torch.arange(T), pos, seq, tables, bs, 0.125, window, 91, out)
+    for i in range(T):
+        ref = _reference_attention(q[i], k_cache, v_cache, int(pos[i]), tables[seq[i]].tolist(), bs, 0.125, window)
+        torch.testing.assert_close(out[i].double(), ref, rtol=1e-5, atol=1e-5)
+        alone = torch.full((1, H * D), float("nan"))
+        kernel(q[i:i + 1], k_cache, v_cache, torch.tensor([0]), pos[i:i + 1], torch.tensor([0]),
+               tables[seq[i]:seq[i] + 1], bs, 0.125, window, int(pos[i]) + 1, alone)
         assert torch.equal(alone[0], out[i])
 
 

@@ -5,8 +5,6 @@ It only counts and hands out block ids; the tensors live in the model runner.
 
 from __future__ import annotations
 
-from collections import deque
-
 
 class BlockManager:
     """Allocates KV-cache blocks of ``block_size`` token slots to sequences.
@@ -21,7 +19,9 @@ class BlockManager:
             raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}.")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        # A stack: the blocks freed last are reused first, so a new sequence writes into pages
+        # that are already mapped and likely cached instead of faulting in fresh ones.
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._tables: dict[int, list[int]] = {}
 
     @property
@@ -51,13 +51,12 @@ class BlockManager:
         if extra > len(self._free):
             raise RuntimeError(f"Out of KV-cache blocks: need {extra}, have {len(self._free)}.")
         for _ in range(extra):
-            table.append(self._free.popleft())
+            table.append(self._free.pop())
         return table
 
     def free(self, seq_id: int) -> None:
         """Return all of a sequence's blocks to the pool (finish, abort or preemption)."""
-        for block in self._tables.pop(seq_id, ()):
-            self._free.append(block)
+        self._free.extend(reversed(self._tables.pop(seq_id, [])))
 
     def num_allocated_blocks(self) -> int:
         return sum(len(t) for t in self._tables.values())

@@ -14,13 +14,19 @@
  *
  * Threads split the panels; each thread sweeps every row of x over a panel (a pair of panels for
  * up to SMALL_M rows) while it is in its L2 cache, so the weights are read from memory once per
- * call whatever M is.
+ * call whatever M is. From 4 to SMALL_M rows (verification of drafts) the sweep goes block of k
+ * by block of k, prefetching ahead, so that the extra FMAs overlap the weight stream.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
 #define NR 16 /* output features per panel: two 8-lane vectors */
+/* Software prefetch distance of the blocked two-panel sweep, in k (64 bytes per panel each);
+ * prefetches past a panel's end are harmless hints. */
+#ifndef PF_DIST
+#define PF_DIST 128
+#endif
 
 /* w: [N, K] row-major -> packed: [ceil(N / NR), K, NR], zero-padded past N. */
 void qd_pack_f32(const float* w, int64_t N, int64_t K, float* packed) {
@@ -125,6 +131,38 @@ DEFINE_TILE2(1)
 DEFINE_TILE2(2)
 DEFINE_TILE2(3)
 
+/* The same two-panel tiles over k in [k0, k1) only, with the accumulators carried in acc
+ * ([MR][2 * NR] floats) between calls: a verification step's rows are swept over one block of k
+ * (a few KB of weights, still in L1) before the next block is read from memory, so the compute
+ * for all rows overlaps the weight stream instead of following it. Reloading an accumulator
+ * gives back the same bits, so the per-element order is unchanged. */
+#define ACC2_LOAD(r) __m256 c##r##0 = _mm256_load_ps(acc + (r) * 2 * NR), c##r##1 = _mm256_load_ps(acc + (r) * 2 * NR + 8), \
+                            d##r##0 = _mm256_load_ps(acc + (r) * 2 * NR + 16), d##r##1 = _mm256_load_ps(acc + (r) * 2 * NR + 24);
+#define ACC2_SAVE(r)                                                                                 \
+    _mm256_store_ps(acc + (r) * 2 * NR, c##r##0); _mm256_store_ps(acc + (r) * 2 * NR + 8, c##r##1);    \
+    _mm256_store_ps(acc + (r) * 2 * NR + 16, d##r##0); _mm256_store_ps(acc + (r) * 2 * NR + 24, d##r##1);
+#define DEFINE_TILE2K(MR)                                                                            \
+    static void tile2k_##MR(const float* xr, int64_t ldx, const float* panel, int64_t K, int64_t k0,  \
+                            int64_t k1, float* acc) {                                                \
+        const float* panel2 = panel + K * NR;                                                        \
+        REP##MR(ACC2_LOAD)                                                                           \
+        for (int64_t k = k0; k < k1; ++k) {                                                          \
+            const __m256 w0 = _mm256_loadu_ps(panel + k * NR), w1 = _mm256_loadu_ps(panel + k * NR + 8); \
+            const __m256 v0 = _mm256_loadu_ps(panel2 + k * NR), v1 = _mm256_loadu_ps(panel2 + k * NR + 8); \
+            _mm_prefetch((const char*)(panel + (k + PF_DIST) * NR), _MM_HINT_T0);                   \
+            _mm_prefetch((const char*)(panel2 + (k + PF_DIST) * NR), _MM_HINT_T0);                  \
+            REP##MR(ACC2_STEP)                                                                       \
+        }                                                                                            \
+        REP##MR(ACC2_SAVE)                                                                           \
+    }
+
+DEFINE_TILE2K(1)
+DEFINE_TILE2K(2)
+DEFINE_TILE2K(3)
+
+typedef void (*tile2k_fn)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*);
+static const tile2k_fn TILES2K[4] = {0, tile2k_1, tile2k_2, tile2k_3};
+
 typedef void (*tile_fn)(const float*, int64_t, const float*, int64_t, const float*, const float*, int64_t,
                         float*, int64_t, int64_t, int64_t, int64_t);
 static const tile_fn TILES[7] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6};
@@ -135,6 +173,10 @@ static const tile_fn TILES2[4] = {0, tile2_1, tile2_2, tile2_3};
 #define M_CHUNK 48
 /* Up to this many rows (decode, verification of drafts), the two-panel tiles. */
 #define SMALL_M 12
+/* k per block in the blocked two-panel sweep (K_BLOCK * 128 bytes of weights per block). */
+#ifndef K_BLOCK
+#define K_BLOCK 64
+#endif
 
 /* packed: from qd_pack_f32. */
 void qd_linear_f32(const float* x, int64_t M, int64_t ldx, const float* packed, int64_t N, int64_t K,
@@ -146,7 +188,24 @@ void qd_linear_f32(const float* x, int64_t M, int64_t ldx, const float* packed, 
             const int64_t p = 2 * pp, n0 = p * NR;
             const float* panel = packed + p * K * NR;
             int64_t m = 0;
-            if (p + 1 < panels) {
+            if (p + 1 < panels && M > 3) {
+                const int64_t ncols2 = N - n0 - NR < NR ? N - n0 - NR : NR;
+                float acc[SMALL_M * 2 * NR] __attribute__((aligned(32)));
+                memset(acc, 0, sizeof(float) * (size_t)(M * 2 * NR));
+                for (int64_t k0 = 0; k0 < K; k0 += K_BLOCK) {
+                    const int64_t k1 = k0 + K_BLOCK < K ? k0 + K_BLOCK : K;
+                    for (m = 0; m + 3 <= M; m += 3) tile2k_3(x + m * ldx, ldx, panel, K, k0, k1, acc + m * 2 * NR);
+                    if (m < M) TILES2K[M - m](x + m * ldx, ldx, panel, K, k0, k1, acc + m * 2 * NR);
+                }
+                for (m = 0; m < M; ++m) {
+                    const float* a = acc + m * 2 * NR;
+                    float* yr = y + m * ldy + n0;
+                    const float* rr = res ? res + m * ldr + n0 : 0;
+                    store_row(_mm256_load_ps(a), _mm256_load_ps(a + 8), yr, bias, rr, n0, NR);
+                    store_row(_mm256_load_ps(a + 16), _mm256_load_ps(a + 24), yr + NR, bias, rr ? rr + NR : 0,
+                              n0 + NR, ncols2);
+                }
+            } else if (p + 1 < panels) {
                 const int64_t ncols2 = N - n0 - NR < NR ? N - n0 - NR : NR;
                 for (; m + 3 <= M; m += 3) tile2_3(x, ldx, panel, K, bias, res, ldr, y, ldy, m, n0, ncols2);
                 if (m < M) TILES2[M - m](x, ldx, panel, K, bias, res, ldr, y, ldy, m, n0, ncols2);
