@@ -16,7 +16,7 @@ from quickdraft.engine.scheduler import ScheduledSeq, Scheduler
 from quickdraft.engine.sequence import Request, Sequence
 from quickdraft.models.loader import LoadedModel
 from quickdraft.outputs import RequestMetrics, RequestOutput
-from quickdraft.sample.sampler import compute_logprobs, penalized_logits, process_logits, sample
+from quickdraft.sample.sampler import argmax_rows, compute_logprobs, penalized_logits, process_logits, sample
 from quickdraft.sample.sampling_metadata import build_sampling_metadata
 from quickdraft.sampling_params import SamplingParams
 from quickdraft.spec_decode.adaptive import DraftLengthPolicy
@@ -217,7 +217,10 @@ class LLMEngine:
                 ) -> tuple[list[list[int]], list[int]]:
         if not seqs:
             return [], []
-        seq_logits = logits.index_select(0, torch.tensor(rows, device=logits.device))  # [S, vocab]
+        if rows == list(range(logits.shape[0])):  # decode: one row per sequence, already in order
+            seq_logits = logits  # [S, vocab]
+        else:
+            seq_logits = logits.index_select(0, torch.tensor(rows, device=logits.device))  # [S, vocab]
         md = build_sampling_metadata(seqs, self.eos_token_ids, seq_logits.shape[1], seq_logits.device)
         tokens = sample(seq_logits, md, self.generator).tolist()
         return [[t] for t in tokens], [0] * len(seqs)
@@ -234,7 +237,7 @@ class LLMEngine:
         target_logits = logits.index_select(0, torch.tensor(rows, device=logits.device))  # [R, vocab]
         md = build_sampling_metadata(row_seqs, self.eos_token_ids, target_logits.shape[1], target_logits.device,
                                      extra_output_tokens=extras)
-        target_argmax = penalized_logits(target_logits, md).argmax(dim=-1)
+        target_argmax = argmax_rows(penalized_logits(target_logits, md))
         target_probs = None if md.all_greedy else process_logits(target_logits, md).softmax(dim=-1)
         result = rejection_sample(target_probs, target_argmax, draft_ids, [d.probs if d else None for d in drafts],
                                   [s.params.greedy for s in seqs], [s.generator or self.generator for s in seqs])

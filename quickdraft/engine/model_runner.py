@@ -130,6 +130,8 @@ class ModelRunner:
         sequence by sequence in input order."""
         input_ids, positions, meta = self.build_metadata(inputs)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
+        if all(s.logits_from == 0 for s in inputs):  # decode and verification: every row
+            return self.model.compute_logits(hidden)
         rows: list[np.ndarray] = []
         start = 0
         for s in inputs:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -116,15 +117,25 @@ def exponential_noise(shape_v: int, n_rows: int, generators: list[torch.Generato
     return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """[N, V] -> [N] int64: the index of the first maximum of each row, NaN counting as the
+    maximum (torch.argmax's rule, and numpy's). On CPU numpy's argmax, ~10x faster than torch's
+    on a 49k vocabulary row, does the work; every greedy choice, plain or speculative, goes
+    through here."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] > 0:
+        return torch.from_numpy(np.argmax(x.numpy(), axis=-1).astype(np.int64, copy=False))
+    return x.argmax(dim=-1)
+
+
 def sample_from_probs(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Draw one token per row of probs [N, V] by the exponential race argmax(p / E), which
     picks token v with probability p[v]."""
-    return (probs / noise).argmax(dim=-1)
+    return argmax_rows(probs / noise)
 
 
 def sample(logits: torch.Tensor, md: SamplingMetadata, default_generator: torch.Generator) -> torch.Tensor:
     """Raw float32 logits [N, V] -> sampled token ids [N]."""
-    greedy_tokens = penalized_logits(logits, md).argmax(dim=-1)
+    greedy_tokens = argmax_rows(penalized_logits(logits, md))
     if md.all_greedy:
         return greedy_tokens
     probs = process_logits(logits, md).softmax(dim=-1)

@@ -17,7 +17,8 @@ import torch
 from quickdraft.engine.block_manager import BlockManager
 from quickdraft.engine.model_runner import ModelRunner, SeqInput
 from quickdraft.engine.sequence import Sequence as Seq
-from quickdraft.sample.sampler import exponential_noise, penalized_logits, process_logits, sample_from_probs
+from quickdraft.sample.sampler import (argmax_rows, exponential_noise, penalized_logits, process_logits,
+                                      sample_from_probs)
 from quickdraft.sample.sampling_metadata import build_sampling_metadata
 from quickdraft.spec_decode.proposer import Draft
 
@@ -49,7 +50,7 @@ class DraftModelProposer:
             rows = [seqs[i] for i in active]
             md = build_sampling_metadata(rows, self.eos_token_ids, logits.shape[1], logits.device,
                                          extra_output_tokens=[drafts[i].token_ids for i in active])
-            tokens = penalized_logits(logits, md).argmax(dim=-1)
+            tokens = argmax_rows(penalized_logits(logits, md))
             if not md.all_greedy:
                 q = process_logits(logits, md).softmax(dim=-1)
                 gens = [s.generator or self.default_generator for s in rows]
