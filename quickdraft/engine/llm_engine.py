@@ -153,7 +153,7 @@ class LLMEngine:
                 first_rows.append(row + n_rows - 1 - (len(draft.token_ids) if draft else 0))
             row += n_rows
         seq_drafts = [drafts.get(s.seq_id) for s in sampled]
-        if self.proposer is None:
+        if self.proposer is None or not any(seq_drafts):  # nothing to verify: plain sampling, same law
             emitted, accepted = self._sample(sampled, logits, first_rows)
         else:
             emitted, accepted = self._verify(sampled, seq_drafts, logits, first_rows)
