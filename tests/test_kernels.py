@@ -108,6 +108,34 @@ def test_paged_attention_long_runs_match_alone(window):
 
 
 @needs_kernels
+def test_paged_attention_large_batch_matches_alone():
+    """Many sequences at once (items then take every head of a sequence): each query equals the
+    reference and, bit for bit, itself computed alone (where items take one KV head)."""
+    g = torch.Generator().manual_seed(7)
+    H, Hkv, D, bs, B = 9, 3, 64, 16, 12
+    k_cache = torch.randn(40 * bs, Hkv, D, generator=g)
+    v_cache = torch.randn(40 * bs, Hkv, D, generator=g)
+    tables = torch.randperm(40, generator=g)[:B * 3].reshape(B, 3)
+    seq = torch.cat([torch.arange(B), torch.tensor([0, 0])])  # 12 decodes, then 2 more tokens of seq 0
+    pos = torch.cat([torch.randint(0, 40, (B,), generator=g), torch.tensor([41, 42])])
+    pos[0] = 40
+    order = torch.randperm(seq.shape[0], generator=g)  # runs of one sequence need not be adjacent
+    seq, pos = seq[order], pos[order]
+    T = seq.shape[0]
+    q = torch.randn(T, H, D, generator=g)
+    kernel = paged_attention_kernel()
+    out = torch.full((T, H * D), float("nan"))
+    kernel(q, k_cache, v_cache, torch.arange(T), pos, seq, tables, bs, 0.125, 0, 43, out)
+    for i in range(T):
+        ref = _reference_attention(q[i], k_cache, v_cache, int(pos[i]), tables[seq[i]].tolist(), bs, 0.125, 0)
+        torch.testing.assert_close(out[i].double(), ref, rtol=1e-5, atol=1e-5)
+        alone = torch.full((1, H * D), float("nan"))
+        kernel(q[i:i + 1], k_cache, v_cache, torch.tensor([0]), pos[i:i + 1], torch.tensor([0]),
+               tables[seq[i]:seq[i] + 1], bs, 0.125, 0, int(pos[i]) + 1, alone)
+        assert torch.equal(alone[0], out[i])
+
+
+@needs_kernels
 def test_layer_ops_match_torch_and_are_row_independent():
     ops = layer_ops()
     g = torch.Generator().manual_seed(1)

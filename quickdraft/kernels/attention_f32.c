@@ -11,9 +11,10 @@
  * simd_f32.h's exp8, so a query's result never depends on which other queries, sequences or
  * threads share the call.
  *
- * Work is shared by (run of up to Q_CHUNK consecutive queries of one sequence, KV head): the
- * G heads of every query in the run read each key and value once per block of K_BLOCK keys, while
- * it is in L1, instead of once per query and head. Partial sums wait in memory between blocks,
+ * Work is shared by (run of up to Q_CHUNK consecutive queries of one sequence, KV head), or by
+ * run alone when there are many runs (a large decode batch): the heads of every query in the
+ * item read each key and value once per block of K_BLOCK keys, while it is in L1, instead of
+ * once per query and head. Partial sums wait in memory between blocks,
  * which does not change their bits, so the per-query order above holds.
  */
 #include "simd_f32.h"
@@ -45,25 +46,25 @@ static inline __attribute__((always_inline)) float dot_d(const float* q, const f
     return hsum8(acc);
 }
 
-/* Raw scores of one query head for keys [j0, j1) (indices into kv, the keys' cache rows). */
-static inline __attribute__((always_inline)) void scores_range(const float* qv, const float* const* kv, int64_t j0,
-                                                               int64_t j1, int64_t nd, float* sc) {
+/* Raw scores of one query head for keys [j0, j1): kv[j] + off is key j's vector. */
+static inline __attribute__((always_inline)) void scores_range(const float* qv, const float* const* kv, int64_t off,
+                                                               int64_t j0, int64_t j1, int64_t nd, float* sc) {
     int64_t j = j0;
-    for (; j + 4 <= j1; j += 4) dot4_d(qv, kv[j], kv[j + 1], kv[j + 2], kv[j + 3], nd, sc + j);
-    for (; j < j1; ++j) sc[j] = dot_d(qv, kv[j], nd);
+    for (; j + 4 <= j1; j += 4) dot4_d(qv, kv[j] + off, kv[j + 1] + off, kv[j + 2] + off, kv[j + 3] + off, nd, sc + j);
+    for (; j < j1; ++j) sc[j] = dot_d(qv, kv[j] + off, nd);
 }
 
-/* acc[0..8nd) += e_j * v_j and *denom += e_j for keys [j0, j1), in increasing j. */
+/* acc[0..8nd) += e_j * v_j (vv[j] + off) and *denom += e_j for keys [j0, j1), in increasing j. */
 static inline __attribute__((always_inline)) void values_range(float* acc, float* denom, const float* e,
-                                                               const float* const* vv, int64_t j0, int64_t j1,
-                                                               int64_t nd) {
+                                                               const float* const* vv, int64_t off, int64_t j0,
+                                                               int64_t j1, int64_t nd) {
     __m256 o[32];
     for (int64_t d = 0; d < nd; ++d) o[d] = _mm256_loadu_ps(acc + 8 * d);
     float den = *denom;
     for (int64_t j = j0; j < j1; ++j) {
         den += e[j];
         const __m256 eb = _mm256_set1_ps(e[j]);
-        for (int64_t d = 0; d < nd; ++d) o[d] = _mm256_fmadd_ps(eb, _mm256_loadu_ps(vv[j] + 8 * d), o[d]);
+        for (int64_t d = 0; d < nd; ++d) o[d] = _mm256_fmadd_ps(eb, _mm256_loadu_ps(vv[j] + off + 8 * d), o[d]);
     }
     for (int64_t d = 0; d < nd; ++d) _mm256_storeu_ps(acc + 8 * d, o[d]);
     *denom = den;
@@ -73,13 +74,14 @@ typedef struct {
     int64_t first, count; /* queries [first, first + count), all of one sequence */
 } query_run;
 
-/* One work item: the queries of run r with the G heads of KV head kvh. ws: per-thread space. */
+/* One work item: the queries of run r with the heads of KV heads [kvh0, kvh0 + nkv). Row
+ * r = c * nkv * G + hh is query run.first + c with head kvh0 * G + hh. ws: per-thread space. */
 static void attend_item(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
                         const int64_t* query_token, const int64_t* query_pos, const int64_t* table,
-                        int64_t block_size, query_run run, int64_t kvh, int64_t G, int64_t Hkv, int64_t nd,
-                        float scale, int64_t window, float* out, int64_t out_stride, const float** kv,
+                        int64_t block_size, query_run run, int64_t kvh0, int64_t nkv, int64_t G, int64_t Hkv,
+                        int64_t nd, float scale, int64_t window, float* out, int64_t out_stride, const float** kv,
                         const float** vv, float* scores, float* acc, float* denom, int64_t* lo_of, int64_t ld) {
-    const int64_t D = 8 * nd, R = run.count * G;
+    const int64_t D = 8 * nd, RH = nkv * G, R = run.count * RH;
     int64_t base = INT64_MAX, hi = 0; /* keys [base, hi) cover every query of the run */
     for (int64_t c = 0; c < run.count; ++c) {
         const int64_t pos = query_pos[run.first + c];
@@ -90,21 +92,22 @@ static void attend_item(const float* q, int64_t q_stride, const float* k_cache, 
     const int64_t n = hi - base;
     for (int64_t j = 0, blk = base / block_size, off = base % block_size; j < n; ++j) {
         const int64_t slot = table[blk] * block_size + off;
-        kv[j] = k_cache + (slot * Hkv + kvh) * D;
-        vv[j] = v_cache + (slot * Hkv + kvh) * D;
+        kv[j] = k_cache + slot * Hkv * D; /* the slot's row: Hkv heads of D */
+        vv[j] = v_cache + slot * Hkv * D;
         if (++off == block_size) off = 0, ++blk;
     }
-    /* Row r = c * G + g: query run.first + c, head kvh * G + g; its keys are [lo_of[c], pos] - base. */
-#define ROW_Q(r) (q + query_token[run.first + (r) / G] * q_stride + (kvh * G + (r) % G) * D)
-#define ROW_J0(r) (lo_of[(r) / G] - base)
-#define ROW_J1(r) (query_pos[run.first + (r) / G] + 1 - base)
+#define ROW_H(r) (kvh0 * G + (r) % RH)
+#define ROW_OFF(r) (ROW_H(r) / G * D)
+#define ROW_Q(r) (q + query_token[run.first + (r) / RH] * q_stride + ROW_H(r) * D)
+#define ROW_J0(r) (lo_of[(r) / RH] - base)
+#define ROW_J1(r) (query_pos[run.first + (r) / RH] + 1 - base)
     for (int64_t b0 = 0; b0 < n; b0 += K_BLOCK) {
         const int64_t b1 = b0 + K_BLOCK < n ? b0 + K_BLOCK : n;
         for (int64_t r = 0; r < R; ++r) {
             const int64_t j0 = ROW_J0(r) > b0 ? ROW_J0(r) : b0, j1 = ROW_J1(r) < b1 ? ROW_J1(r) : b1;
             if (j0 >= j1) continue;
-            if (nd == 8) scores_range(ROW_Q(r), kv, j0, j1, 8, scores + r * ld);
-            else scores_range(ROW_Q(r), kv, j0, j1, nd, scores + r * ld);
+            if (nd == 8) scores_range(ROW_Q(r), kv, ROW_OFF(r), j0, j1, 8, scores + r * ld);
+            else scores_range(ROW_Q(r), kv, ROW_OFF(r), j0, j1, nd, scores + r * ld);
         }
     }
     for (int64_t r = 0; r < R; ++r) {
@@ -128,15 +131,17 @@ static void attend_item(const float* q, int64_t q_stride, const float* k_cache, 
         for (int64_t r = 0; r < R; ++r) {
             const int64_t j0 = ROW_J0(r) > b0 ? ROW_J0(r) : b0, j1 = ROW_J1(r) < b1 ? ROW_J1(r) : b1;
             if (j0 >= j1) continue;
-            if (nd == 8) values_range(acc + r * D, denom + r, scores + r * ld, vv, j0, j1, 8);
-            else values_range(acc + r * D, denom + r, scores + r * ld, vv, j0, j1, nd);
+            if (nd == 8) values_range(acc + r * D, denom + r, scores + r * ld, vv, ROW_OFF(r), j0, j1, 8);
+            else values_range(acc + r * D, denom + r, scores + r * ld, vv, ROW_OFF(r), j0, j1, nd);
         }
     }
     for (int64_t r = 0; r < R; ++r) {
         const __m256 inv = _mm256_set1_ps(1.0f / denom[r]);
-        float* ov = out + query_token[run.first + r / G] * out_stride + (kvh * G + r % G) * D;
+        float* ov = out + query_token[run.first + r / RH] * out_stride + ROW_H(r) * D;
         for (int64_t d = 0; d < nd; ++d) _mm256_storeu_ps(ov + 8 * d, _mm256_mul_ps(_mm256_loadu_ps(acc + r * D + 8 * d), inv));
     }
+#undef ROW_H
+#undef ROW_OFF
 #undef ROW_Q
 #undef ROW_J0
 #undef ROW_J1
@@ -160,7 +165,10 @@ void qd_paged_attention_f32(const float* q, int64_t q_stride, const float* k_cac
         else
             runs[num_runs++] = (query_run){i, 1};
     }
-    const int64_t ctx = max_context > 0 ? max_context : 1, ld = ctx + 8, R = Q_CHUNK * G;
+    /* With enough runs to keep the threads busy an item takes every head of its queries and
+     * reads whole cache rows in order; otherwise one KV head's group. Same bits either way. */
+    const int64_t nkv = num_runs >= 4 * (int64_t)num_threads ? Hkv : 1, items_per_run = Hkv / nkv;
+    const int64_t ctx = max_context > 0 ? max_context : 1, ld = ctx + 8, R = Q_CHUNK * nkv * G;
 #pragma omp parallel num_threads(num_threads)
     {
         const float** kv = (const float**)malloc(sizeof(float*) * (size_t)ctx);
@@ -170,11 +178,12 @@ void qd_paged_attention_f32(const float* q, int64_t q_stride, const float* k_cac
         float* denom = (float*)malloc(sizeof(float) * (size_t)R);
         int64_t lo_of[Q_CHUNK];
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < num_runs * Hkv; ++item) {
-            const query_run run = runs[item / Hkv];
+        for (int64_t item = 0; item < num_runs * items_per_run; ++item) {
+            const query_run run = runs[item / items_per_run];
             attend_item(q, q_stride, k_cache, v_cache, query_token, query_pos,
-                        block_tables + query_seq[run.first] * max_blocks, block_size, run, item % Hkv, G, Hkv, nd,
-                        scale, window, out, out_stride, kv, vv, scores, acc, denom, lo_of, ld);
+                        block_tables + query_seq[run.first] * max_blocks, block_size, run,
+                        item % items_per_run * nkv, nkv, G, Hkv, nd, scale, window, out, out_stride, kv, vv, scores,
+                        acc, denom, lo_of, ld);
         }
         free(kv); free(vv); free(scores); free(acc); free(denom);
     }
