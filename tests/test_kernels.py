@@ -54,6 +54,22 @@ def _reference_attention(q, k_cache, v_cache, pos, table, block_size, scale, win
     return torch.einsum("hn,nhd->hd", s.softmax(-1), v).reshape(-1)
 
 
+def _check_attention(q, k_cache, v_cache, pos, seq, tables, bs, scale, window):
+    """Run all queries in one call: each must equal the float64 reference and, bit for bit,
+    itself computed alone."""
+    T, H, D = q.shape
+    kernel = paged_attention_kernel()
+    out = torch.full((T, H * D), float("nan"))
+    kernel(q, k_cache, v_cache, torch.arange(T), pos, seq, tables, bs, scale, window, int(pos.max()) + 1, out)
+    for i in range(T):
+        ref = _reference_attention(q[i], k_cache, v_cache, int(pos[i]), tables[seq[i]].tolist(), bs, scale, window)
+        torch.testing.assert_close(out[i].double(), ref, rtol=1e-5, atol=1e-5)
+        alone = torch.full((1, H * D), float("nan"))
+        kernel(q[i:i + 1], k_cache, v_cache, torch.tensor([0]), pos[i:i + 1], torch.tensor([0]),
+               tables[seq[i]:seq[i] + 1], bs, scale, window, int(pos[i]) + 1, alone)
+        assert torch.equal(alone[0], out[i])
+
+
 @needs_kernels
 @pytest.mark.parametrize("window", [0, 5])
 def test_paged_attention_matches_reference_and_is_batch_invariant(window):
@@ -67,17 +83,7 @@ def test_paged_attention_matches_reference_and_is_batch_invariant(window):
     pos = torch.tensor([17, 18, 19, 13, 14, 0])
     T = 6
     q = torch.randn(T, H, D, generator=g)
-    kernel = paged_attention_kernel()
-    out = torch.full((T, H * D), float("nan"))
-    kernel(q, k_cache, v_cache, torch.arange(T), pos, seq, tables, bs, 0.3, window, 20, out)
-    for i in range(T):
-        ref = _reference_attention(q[i], k_cache, v_cache, int(pos[i]), tables[seq[i]].tolist(), bs, 0.3, window)
-        torch.testing.assert_close(out[i].double(), ref, rtol=1e-5, atol=1e-5)
-    for i in range(T):  # each query alone gives the same bits
-        alone = torch.full((1, H * D), float("nan"))
-        kernel(q[i:i + 1], k_cache, v_cache, torch.tensor([0]), pos[i:i + 1], torch.tensor([0]),
-               tables[seq[i]:seq[i] + 1], bs, 0.3, window, int(pos[i]) + 1, alone)
-        assert torch.equal(alone[0], out[i])
+    _check_attention(q, k_cache, v_cache, pos, seq, tables, bs, 0.3, window)
 
 
 @needs_kernels
@@ -95,16 +101,7 @@ def test_paged_attention_long_runs_match_alone(window):
     seq = torch.cat([torch.zeros(40, dtype=torch.long), torch.ones(1, dtype=torch.long)])
     T = pos.shape[0]
     q = torch.randn(T, H, D, generator=g)
-    kernel = paged_attention_kernel()
-    out = torch.full((T, H * D), float("nan"))
-    kernel(q, k_cache, v_cache, torch.arange(T), pos, seq, tables, bs, 0.125, window, 91, out)
-    for i in range(T):
-        ref = _reference_attention(q[i], k_cache, v_cache, int(pos[i]), tables[seq[i]].tolist(), bs, 0.125, window)
-        torch.testing.assert_close(out[i].double(), ref, rtol=1e-5, atol=1e-5)
-        alone = torch.full((1, H * D), float("nan"))
-        kernel(q[i:i + 1], k_cache, v_cache, torch.tensor([0]), pos[i:i + 1], torch.tensor([0]),
-               tables[seq[i]:seq[i] + 1], bs, 0.125, window, int(pos[i]) + 1, alone)
-        assert torch.equal(alone[0], out[i])
+    _check_attention(q, k_cache, v_cache, pos, seq, tables, bs, 0.125, window)
 
 
 @needs_kernels
@@ -123,16 +120,7 @@ def test_paged_attention_large_batch_matches_alone():
     seq, pos = seq[order], pos[order]
     T = seq.shape[0]
     q = torch.randn(T, H, D, generator=g)
-    kernel = paged_attention_kernel()
-    out = torch.full((T, H * D), float("nan"))
-    kernel(q, k_cache, v_cache, torch.arange(T), pos, seq, tables, bs, 0.125, 0, 43, out)
-    for i in range(T):
-        ref = _reference_attention(q[i], k_cache, v_cache, int(pos[i]), tables[seq[i]].tolist(), bs, 0.125, 0)
-        torch.testing.assert_close(out[i].double(), ref, rtol=1e-5, atol=1e-5)
-        alone = torch.full((1, H * D), float("nan"))
-        kernel(q[i:i + 1], k_cache, v_cache, torch.tensor([0]), pos[i:i + 1], torch.tensor([0]),
-               tables[seq[i]:seq[i] + 1], bs, 0.125, 0, int(pos[i]) + 1, alone)
-        assert torch.equal(alone[0], out[i])
+    _check_attention(q, k_cache, v_cache, pos, seq, tables, bs, 0.125, 0)
 
 
 @needs_kernels

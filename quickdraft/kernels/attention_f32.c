@@ -101,6 +101,7 @@ static void attend_item(const float* q, int64_t q_stride, const float* k_cache, 
 #define ROW_Q(r) (q + query_token[run.first + (r) / RH] * q_stride + ROW_H(r) * D)
 #define ROW_J0(r) (lo_of[(r) / RH] - base)
 #define ROW_J1(r) (query_pos[run.first + (r) / RH] + 1 - base)
+    /* nd == 8 (head_dim 64) calls the inlined helpers with a constant trip count. */
     for (int64_t b0 = 0; b0 < n; b0 += K_BLOCK) {
         const int64_t b1 = b0 + K_BLOCK < n ? b0 + K_BLOCK : n;
         for (int64_t r = 0; r < R; ++r) {

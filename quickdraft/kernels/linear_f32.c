@@ -112,6 +112,10 @@ DEFINE_TILE(6)
               res ? res + (m0 + (r)) * ldr + n0 : 0, n0, NR);                                        \
     store_row(d##r##0, d##r##1, y + (m0 + (r)) * ldy + n0 + NR, bias,                                \
               res ? res + (m0 + (r)) * ldr + n0 + NR : 0, n0 + NR, ncols2);
+/* Row k of both panels: w (this panel), v (the next one). */
+#define PAIR_LOAD                                                                                    \
+    const __m256 w0 = _mm256_loadu_ps(panel + k * NR), w1 = _mm256_loadu_ps(panel + k * NR + 8);   \
+    const __m256 v0 = _mm256_loadu_ps(panel2 + k * NR), v1 = _mm256_loadu_ps(panel2 + k * NR + 8);
 #define DEFINE_TILE2(MR)                                                                             \
     static void tile2_##MR(const float* x, int64_t ldx, const float* panel, int64_t K,              \
                            const float* bias, const float* res, int64_t ldr, float* y, int64_t ldy,  \
@@ -120,8 +124,7 @@ DEFINE_TILE(6)
         REP##MR(ACC2_DECL)                                                                           \
         const float* xr = x + m0 * ldx;                                                              \
         for (int64_t k = 0; k < K; ++k) {                                                            \
-            const __m256 w0 = _mm256_loadu_ps(panel + k * NR), w1 = _mm256_loadu_ps(panel + k * NR + 8); \
-            const __m256 v0 = _mm256_loadu_ps(panel2 + k * NR), v1 = _mm256_loadu_ps(panel2 + k * NR + 8); \
+            PAIR_LOAD                                                                                \
             REP##MR(ACC2_STEP)                                                                       \
         }                                                                                            \
         REP##MR(ACC2_STORE)                                                                          \
@@ -147,8 +150,7 @@ DEFINE_TILE2(3)
         const float* panel2 = panel + K * NR;                                                        \
         REP##MR(ACC2_LOAD)                                                                           \
         for (int64_t k = k0; k < k1; ++k) {                                                          \
-            const __m256 w0 = _mm256_loadu_ps(panel + k * NR), w1 = _mm256_loadu_ps(panel + k * NR + 8); \
-            const __m256 v0 = _mm256_loadu_ps(panel2 + k * NR), v1 = _mm256_loadu_ps(panel2 + k * NR + 8); \
+            PAIR_LOAD                                                                                \
             _mm_prefetch((const char*)(panel + (k + PF_DIST) * NR), _MM_HINT_T0);                   \
             _mm_prefetch((const char*)(panel2 + (k + PF_DIST) * NR), _MM_HINT_T0);                  \
             REP##MR(ACC2_STEP)                                                                       \
