@@ -5,8 +5,10 @@ greedy generation of N tokens: quickdraft without speculation, with ngram prompt
 k = 3, 5, 8, and transformers without and with its prompt lookup decoding. Runs alternate (the
 order rotates every repeat) and the table reports medians; speed-ups are ratios against the
 same engine without speculation. Times are end to end, prefill included; a second table gives
-the decode phase alone (after the first token), the part speculation speeds up.
-It also checks that every speculative output equals the plain one token for token.
+the decode phase alone (after the first token), the part speculation speeds up, and a third
+the tokens each target forward pass produced: the speed-up if verifying k + 1 tokens cost what
+one token costs (the decode-phase speed-up divided by it is what a verification pass costs
+relative to a plain step on this machine). It also checks that every speculative output equals the plain one token for token.
 
     python benchmarks/spec_decode.py [--repeats 5] [--max-tokens 128]
 """
@@ -35,16 +37,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda (transformers runs on the same device)")
     ap.add_argument("--hf-lookup-tokens", type=int, default=5, help="transformers prompt_lookup_num_tokens")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--categories", nargs="*", default=list(CATEGORIES), choices=list(CATEGORIES))
     args = ap.parse_args()
 
-    base = LLM(dtype=args.dtype)
+    base = LLM(dtype=args.dtype, device=args.device)
     dtype = base.config.dtype
     engines: dict[str, LLM] = {"off": base}
     for k in KS:
-        engines[f"ngram k={k}"] = LLM(dtype=args.dtype, speculative_config={
+        engines[f"ngram k={k}"] = LLM(dtype=args.dtype, device=args.device, speculative_config={
             "method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2, "prompt_lookup_max": 5})
     tok = base.get_tokenizer()
     prompts = {c: tok.apply_chat_template([{"role": "user", "content": CATEGORIES[c]}], tokenize=True)
@@ -57,7 +60,7 @@ def main() -> None:
 
         path = base.model_path
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                               dtype=torch.float32).to(dtype).eval()
+                                                               dtype=torch.float32).to(base.config.device, dtype).eval()
 
     def run_ours(llm: LLM, ids: list[int]):
         t0 = time.perf_counter()
@@ -65,7 +68,7 @@ def main() -> None:
         return time.perf_counter() - t0, out
 
     def run_hf(ids: list[int], lookup: bool):
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=base.config.device)
         kw = dict(prompt_lookup_num_tokens=args.hf_lookup_tokens) if lookup else {}
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -125,6 +128,18 @@ def main() -> None:
         for k in KS:
             line += f" {dec[f'ngram k={k}']:>7.1f} ({dec[f'ngram k={k}'] / dec['off']:.2f}x)"
         print(line + f" {n:>7}")
+    print("\nTokens per target forward pass after the first token (the decode-phase speed-up if a "
+          "verification pass cost what a plain step costs), and what a pass cost relative to a plain step:")
+    print(f"{'category':<17}" + "".join(f" {'k=' + str(k):>18}" for k in KS))
+    for cat, _, spec, _, n, dec in rows:
+        line = f"{cat:<17}"
+        for k in KS:
+            m = spec[f"ngram k={k}"]
+            # Every pass emits one token of its own plus the drafts it accepted.
+            per_pass = (n - 1) / max(n - 1 - m.num_accepted_tokens, 1)
+            cost = per_pass / (dec[f"ngram k={k}"] / dec["off"])
+            line += f" {per_pass:>6.2f} (cost {cost:.2f})"
+        print(line)
 
 
 if __name__ == "__main__":
