@@ -129,7 +129,7 @@ def main() -> None:
             line += f" {dec[f'ngram k={k}']:>7.1f} ({dec[f'ngram k={k}'] / dec['off']:.2f}x)"
         print(line + f" {n:>7}")
     print("\nTokens per target forward pass after the first token (the decode-phase speed-up if a "
-          "verification pass cost what a plain step costs), and what a pass cost relative to a plain step:")
+          "verification pass cost what a plain step costs), and what a pass cost on average relative to a plain step:")
     print(f"{'category':<17}" + "".join(f" {'k=' + str(k):>18}" for k in KS))
     for cat, _, spec, _, n, dec in rows:
         line = f"{cat:<17}"
