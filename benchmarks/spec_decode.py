@@ -7,8 +7,9 @@ order rotates every repeat) and the table reports medians; speed-ups are ratios 
 same engine without speculation. Times are end to end, prefill included; a second table gives
 the decode phase alone (after the first token), the part speculation speeds up, and a third
 the tokens each target forward pass produced: the speed-up if verifying k + 1 tokens cost what
-one token costs (the decode-phase speed-up divided by it is what a verification pass costs
-relative to a plain step on this machine). It also checks that every speculative output equals the plain one token for token.
+one token costs. Tokens per pass divided by the decode-phase speed-up is what a pass costs on
+average relative to a plain step on this machine. It also checks that every speculative output
+equals the plain one token for token.
 
     python benchmarks/spec_decode.py [--repeats 5] [--max-tokens 128]
 """
