@@ -17,8 +17,9 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**1
 
 
 @lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX-BF16 or AVX512-BF16, where bf16 matmuls are native."""
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AMX-BF16 or AVX512-BF16, where torch runs bf16 on its native bf16
+    kernels; greedy speculation in bfloat16 was seen to differ from plain decoding there."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -43,8 +44,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 where it is fast (CUDA with bf16 support, CPUs with AMX/AVX512-BF16),
-    float16 on older GPUs, float32 elsewhere."""
+    """'auto' is bfloat16 on CUDA with bf16 support (float16 on older GPUs) and float32 on every
+    CPU. On CPU, float32 runs the native batch-invariant kernels (kernels/), which keep greedy
+    speculation token-identical to plain decoding on every CPU; bfloat16 runs torch's kernels,
+    which were slower than those on the CPUs measured (AVX2 and AVX512-BF16 EPYCs) and on an
+    AVX512-BF16 CPU broke that identity (torch's bf16 kernels there are not batch-invariant), so
+    'auto' does not choose it."""
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}.")
@@ -52,7 +57,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        return torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of 'auto', 'float32', 'bfloat16', 'float16', got {dtype!r}.")
     return _DTYPES[dtype]

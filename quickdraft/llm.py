@@ -12,7 +12,7 @@ from typing import Any, Union
 import torch
 from tqdm.auto import tqdm
 
-from quickdraft.config import EngineConfig, parse_memory_size, resolve_device, resolve_dtype
+from quickdraft.config import EngineConfig, cpu_has_native_bf16, parse_memory_size, resolve_device, resolve_dtype
 from quickdraft.engine.llm_engine import LLMEngine
 from quickdraft.engine.model_runner import ModelRunner
 from quickdraft.metrics import Metric, engine_metrics
@@ -91,6 +91,11 @@ class LLM:
                 raise ValueError(f"The draft model's context length {draft_cfg.max_position_embeddings} is "
                                  f"shorter than max_model_len={max_model_len}.")
             draft_dtype = resolve_dtype(spec.draft_dtype or torch_dtype, dev)
+        if spec is not None and dev.type == "cpu" and torch_dtype != torch.float32 and cpu_has_native_bf16():
+            logging.getLogger("quickdraft").warning(
+                "dtype=%s on this CPU (AVX512-BF16/AMX) runs torch's kernels, which are not batch-invariant here: "
+                "greedy output with speculative decoding may differ from plain decoding. dtype='float32' (the "
+                "default on CPU) keeps it token-identical.", str(torch_dtype).removeprefix("torch."))
         t0 = time.perf_counter()
         loaded = load_model(path, tokenizer=tokenizer, dtype=torch_dtype, device=dev, max_positions=max_model_len,
                             config=model_cfg)
@@ -208,14 +213,22 @@ class LLM:
                 if not isinstance(sp, SamplingParams):
                     raise TypeError(f"sampling_params must be SamplingParams, got {type(sp).__name__}.")
         # Validate everything before queueing anything, so bad input never half-runs a batch.
-        for p in prompts:
-            self.engine.validate_prompt(p.token_ids)
-        ids = []
-        for p, sp in zip(prompts, params_list):
-            request_id = str(self._request_counter)
-            self._request_counter += 1
-            self.engine.add_request(request_id, p.text, p.token_ids, sp)
-            ids.append(request_id)
+        for i, (p, sp) in enumerate(zip(prompts, params_list)):
+            try:
+                self.engine.validate_request(p.token_ids, sp)
+            except ValueError as e:
+                raise ValueError(f"Request {i} of {len(prompts)} is invalid (nothing was run): {e}") from None
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, params_list):
+                request_id = str(self._request_counter)
+                self._request_counter += 1
+                self.engine.add_request(request_id, p.text, p.token_ids, sp)
+                ids.append(request_id)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
         return self._run_engine(ids, use_tqdm)
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+# Above this, logits / temperature is uniform sampling for any practical purpose; the bound keeps
+# every temperature finite in float32 (3.5e38 would turn into inf and every logit into NaN).
+MAX_TEMPERATURE = 1e4
+MAX_SEED = 2**64 - 1
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
 
 
 @dataclass
@@ -14,6 +20,12 @@ class SamplingParams:
     ``temperature=0`` is greedy decoding. ``top_k`` of 0 or -1 disables top-k. ``logprobs=N``
     returns, for each generated token, the N most likely tokens plus the sampled one, with
     log-probabilities of the model's raw distribution (as vLLM does by default).
+    ``seed`` (0 .. 2**64 - 1) fixes the request's randomness: the same seed gives the same text
+    whatever else is batched and with or without speculative decoding (see sample/noise.py).
+    ``logit_bias`` ({token id: bias}) is added to the logits; ``allowed_token_ids`` restricts
+    sampling to those tokens; ``bad_words`` are never generated (their last token is banned
+    wherever the output ends with the rest of the word); ``truncate_prompt_tokens=N`` keeps
+    only the last N prompt tokens.
     """
 
     n: int = 1
@@ -36,6 +48,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
     # Derived at validation time; not part of the constructor.
     output_text_buffer_length: int = field(default=0, init=False, repr=False)
 
@@ -49,6 +65,14 @@ class SamplingParams:
         self.stop_token_ids = [] if self.stop_token_ids is None else [int(t) for t in self.stop_token_ids]
         if self.top_k == -1:
             self.top_k = 0
+        if self.logit_bias is not None:
+            self.logit_bias = _int_keyed(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        elif self.bad_words is not None:
+            self.bad_words = list(self.bad_words)
         self._verify()
         if self.stop and not self.include_stop_str_in_output:
             # Hold back enough characters that a stop string split across steps is never shown.
@@ -65,10 +89,13 @@ class SamplingParams:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
-        if not self.repetition_penalty > 0.0:
-            raise ValueError(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
-        if self.temperature < 0.0:
+        if not (_is_number(self.repetition_penalty) and 0.0 < self.repetition_penalty < math.inf):
+            raise ValueError(f"repetition_penalty must be a finite number greater than zero, "
+                             f"got {self.repetition_penalty}.")
+        if not _is_number(self.temperature) or self.temperature < 0.0:
             raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
+        if not self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be at most {MAX_TEMPERATURE:g}, got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -87,8 +114,8 @@ class SamplingParams:
             raise ValueError(f"logprobs must be non-negative, got {self.logprobs}.")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise ValueError(f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}.")
         if any(s == "" for s in self.stop):
             raise ValueError("stop cannot contain an empty string.")
         if any(t < 0 for t in self.stop_token_ids):
@@ -97,3 +124,47 @@ class SamplingParams:
             raise ValueError("stop strings are only supported when detokenize is True. Set detokenize=True to use stop.")
         if self.greedy and self.n > 1:
             raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
+        self._verify_token_options()
+
+    def _verify_token_options(self) -> None:
+        for token, bias in (self.logit_bias or {}).items():
+            if token < 0:
+                raise ValueError(f"logit_bias token ids must be non-negative, got {token}.")
+            if not _is_number(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {token}.")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty (None allows every token).")
+            bad = [t for t in self.allowed_token_ids if not _is_int(t) or t < 0]
+            if bad:
+                raise ValueError(f"allowed_token_ids must be non-negative integers, got {bad[0]!r}.")
+        for word in self.bad_words or []:
+            if not isinstance(word, str) or not word.strip():
+                raise ValueError(f"bad_words must be non-empty strings, got {word!r}.")
+        t = self.truncate_prompt_tokens
+        if t is not None and (not _is_int(t) or t < 1):
+            raise ValueError(f"truncate_prompt_tokens must be >= 1, got {t!r}.")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _int_keyed(bias: object) -> dict[int, float]:
+    """logit_bias with int keys; JSON gives token ids as strings ("50256": -100)."""
+    if not hasattr(bias, "items"):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {bias!r}.")
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}.") from None
+        if isinstance(key, float) and key != token:
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}.")
+        out[token] = value
+    return out

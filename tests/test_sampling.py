@@ -15,9 +15,13 @@ import torch
 import transformers
 
 from quickdraft import SamplingParams
+from quickdraft.sample.noise import ACCEPT, DRAFT, TARGET, NoiseCache, NoiseKey, exponential, uniform
 from quickdraft.sample.sampler import (SamplingMetadata, apply_min_p, apply_penalties, apply_top_k_top_p,
-                                       exponential_noise, process_logits, sample, sample_from_probs)
-from stats import chi_square_pvalue
+                                       process_logits, sample, sample_from_probs)
+from stats import chi_square_df, chi_square_power, chi_square_pvalue, samples_for_power
+
+ALPHA = 1e-3  # chi-square level of these tests
+CPU = torch.device("cpu")
 
 EOS_IDS = {0, 2}  # tiny checkpoints: generation_config eos_token_id [2, 0]
 
@@ -35,6 +39,18 @@ def gen(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+def exp_noise(n: int, V: int, seed: int) -> torch.Tensor:
+    """i.i.d. Exp(1) noise [n, V] (what the engine's per-position noise is, row by row)."""
+    return torch.empty(n, V).exponential_(generator=gen(seed))
+
+
+def powered_n(law: torch.Tensor, alpha: float = ALPHA) -> int:
+    """Samples for an 80%-power chi-square test of this law (tests/stats.py), and the check."""
+    n = samples_for_power(chi_square_df(law, 10**5), alpha)
+    assert chi_square_power(n, chi_square_df(law, n), alpha) >= 0.8
+    return n
 
 
 def softmax(x: list[float]) -> list[float]:
@@ -63,16 +79,16 @@ def test_top_k_keeps_exactly_the_k_largest():
 def test_top_k_sampling_never_leaves_the_top_k_set():
     torch.manual_seed(1)
     row = torch.randn(40)
-    n = 4000
-    logits = row.expand(n, 40).clone()
-    md = metadata(n, temperature=1.5, top_k=torch.full((n,), 5))
-    tokens = sample(logits, md, gen(0))
     top5 = set(row.topk(5).indices.tolist())
-    assert set(tokens.tolist()) == top5  # never outside, and every one of the 5 reachable
-    # and the law is softmax over the top 5 at temperature 1.5
+    # the law is softmax over the top 5 at temperature 1.5
     idx = sorted(top5)
     p = torch.zeros(40)
     p[idx] = (row[idx] / 1.5).softmax(-1)
+    n = powered_n(p)
+    logits = row.expand(n, 40).clone()
+    md = metadata(n, temperature=1.5, top_k=torch.full((n,), 5))
+    tokens = sample(logits, md, exp_noise(n, 40, 0))
+    assert set(tokens.tolist()) == top5  # never outside, and every one of the 5 reachable
     assert chi_square_pvalue(torch.bincount(tokens, minlength=40), p) > 1e-3
 
 
@@ -123,11 +139,11 @@ def test_min_p_applies_after_temperature():
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.5])
 def test_temperature_law_chi_square(temperature):
     logits_row = [1.0, 0.2, -0.5, 2.0, 0.0, -3.0, 1.5, 0.7]
-    n = 20000
-    logits = torch.tensor(logits_row).expand(n, 8).clone()
-    tokens = sample(logits, metadata(n, temperature), gen(1234))
-    counts = torch.bincount(tokens, minlength=8)
     law = torch.tensor(softmax([v / temperature for v in logits_row]))
+    n = powered_n(law)
+    logits = torch.tensor(logits_row).expand(n, 8).clone()
+    tokens = sample(logits, metadata(n, temperature), exp_noise(n, 8, 1234))
+    counts = torch.bincount(tokens, minlength=8)
     assert chi_square_pvalue(counts, law) > 1e-3
     # The test has power: the law at another temperature is clearly rejected.
     wrong = torch.tensor(softmax([v / (temperature * 1.25) for v in logits_row]))
@@ -138,10 +154,10 @@ def test_greedy_is_argmax_also_in_a_mixed_batch():
     torch.manual_seed(3)
     logits = torch.randn(6, 30) * 3
     md = metadata(6, temperature=0.0)
-    assert torch.equal(sample(logits, md, gen(0)), logits.argmax(-1))
+    assert torch.equal(sample(logits, md, None), logits.argmax(-1))
     # rows 0, 2, 4 greedy, the others sample at T=1
     md = SamplingMetadata(temperature=torch.ones(6), greedy=torch.tensor([True, False] * 3), all_greedy=False)
-    out = sample(logits, md, gen(0))
+    out = sample(logits, md, exp_noise(6, 30, 0))
     assert torch.equal(out[0::2], logits[0::2].argmax(-1))
 
 
@@ -191,25 +207,46 @@ def test_penalties_match_vllm_formulas(kw, expected):
 
 def test_exponential_race_law_and_zero_probability_tokens():
     probs_row = torch.tensor([0.3, 0.0, 0.25, 0.001, 0.0, 0.2, 0.149, 0.1])
-    n = 20000
+    n = powered_n(probs_row)
     probs = probs_row.expand(n, 8).clone()
-    noise = exponential_noise(8, n, None, gen(7), torch.device("cpu"))
-    tokens = sample_from_probs(probs, noise)
+    tokens = sample_from_probs(probs, exp_noise(n, 8, 7))
     counts = torch.bincount(tokens, minlength=8)
     assert counts[1] == 0 and counts[4] == 0
-    assert chi_square_pvalue(counts, probs_row) > 1e-3
+    assert chi_square_pvalue(counts, probs_row) > ALPHA
     # A one-token law is always drawn, whatever the noise.
     onehot = torch.zeros(1000, 8)
     onehot[:, 6] = 1.0
-    assert (sample_from_probs(onehot, exponential_noise(8, 1000, None, gen(8), torch.device("cpu"))) == 6).all()
+    assert (sample_from_probs(onehot, exp_noise(1000, 8, 8)) == 6).all()
 
 
-def test_per_row_generators_make_a_row_independent_of_the_batch():
-    dflt = gen(0)
-    alone = exponential_noise(16, 1, [gen(42)], dflt, torch.device("cpu"))
-    batch = exponential_noise(16, 3, [None, gen(42), gen(5)], dflt, torch.device("cpu"))
-    assert torch.equal(alone[0], batch[1])
-    assert not torch.equal(batch[1], batch[2])
+# ---- counter-based noise (sample/noise.py) -------------------------------------------------------
+
+def test_noise_is_a_function_of_its_key_alone():
+    key = NoiseKey(2**64 - 1, 1, 37, TARGET)
+    a = exponential(key, 64, CPU)
+    cache = NoiseCache(64, CPU)
+    for other in (NoiseKey(5, 0, 0, TARGET), NoiseKey(5, 0, 1, TARGET)):  # other draws first
+        cache.exponential(other)
+    assert torch.equal(cache.exponential(key), a)
+    assert torch.equal(cache.rows([None, key])[1], a) and torch.equal(cache.rows([None, key])[0], torch.ones(64))
+    # every field of the key matters
+    for other in (NoiseKey(2**64 - 2, 1, 37, TARGET), NoiseKey(2**64 - 1, 0, 37, TARGET),
+                  NoiseKey(2**64 - 1, 1, 36, TARGET), NoiseKey(2**64 - 1, 1, 37, DRAFT)):
+        assert not torch.equal(exponential(other, 64, CPU), a)
+    assert uniform(NoiseKey(3, 0, 4, ACCEPT)) == uniform(NoiseKey(3, 0, 4, ACCEPT)) != uniform(NoiseKey(3, 0, 5, ACCEPT))
+
+
+def test_noise_rows_are_exp1_and_uniforms_are_uniform():
+    """Binned into 10 equiprobable cells under the claimed law, across keys and within rows."""
+    edges = -torch.log1p(-torch.arange(1, 10, dtype=torch.float64) / 10)  # Exp(1) deciles
+    cells = torch.full((10,), 0.1, dtype=torch.float64)
+    n = powered_n(cells)
+    per_key = 64
+    values = torch.cat([exponential(NoiseKey(9, 0, pos, TARGET), per_key, CPU) for pos in range(n // per_key + 1)])
+    counts = torch.bincount(torch.bucketize(values.double()[:n], edges), minlength=10)
+    assert chi_square_pvalue(counts, cells) > ALPHA
+    u = torch.tensor([uniform(NoiseKey(9, 0, pos, ACCEPT)) for pos in range(n)])
+    assert chi_square_pvalue(torch.bincount((u * 10).long(), minlength=10), cells) > ALPHA
 
 
 # ---- end to end against transformers ---------------------------------------------------------
@@ -247,7 +284,7 @@ def test_first_token_law_matches_transformers(tiny_llm, hf):
     law = reference_law(hf_last_logits(hf, PROMPT), 0.7, 20, 0.9)
     support = int((law > 0).sum())
     assert 3 <= support < 20  # both top-k and top-p bite on this prompt
-    n = 2000
+    n = powered_n(law)
     params = [SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_tokens=1, seed=i) for i in range(n)]
     outs = tiny_llm.generate([{"prompt_token_ids": PROMPT}] * n, params, use_tqdm=False)
     tokens = torch.tensor([o.outputs[0].token_ids[0] for o in outs])
@@ -256,7 +293,7 @@ def test_first_token_law_matches_transformers(tiny_llm, hf):
     assert chi_square_pvalue(counts, law) > 1e-3
     # and n > 1 from the engine's own generator follows the same law
     out = tiny_llm.generate({"prompt_token_ids": PROMPT},
-                            SamplingParams(n=1000, temperature=0.7, top_k=20, top_p=0.9, max_tokens=1),
+                            SamplingParams(n=n, temperature=0.7, top_k=20, top_p=0.9, max_tokens=1),
                             use_tqdm=False)[0]
     counts = torch.bincount(torch.tensor([c.token_ids[0] for c in out.outputs]), minlength=law.numel())
     assert counts[law == 0].sum() == 0

@@ -26,7 +26,7 @@ from quickdraft import LLM, SamplingParams, SpeculativeConfig
 from quickdraft.engine.model_runner import ModelRunner
 from quickdraft.spec_decode.draft_model import DraftModelProposer
 from quickdraft.spec_decode.proposer import NgramProposer
-from stats import chi_square_pvalue
+from stats import chi_square_df, chi_square_power, chi_square_pvalue, samples_for_power
 
 P_MIN = 1e-5  # chi-square p-value threshold
 NGRAM = {"method": "ngram", "prompt_lookup_min": 1, "prompt_lookup_max": 3}
@@ -395,118 +395,164 @@ def test_smollm2_greedy_with_ngram_speculation_equals_plain(smollm2_gguf, smollm
 
 # ---- sampling with speculation follows the target's exact law ----------------------------------------
 
-def _joint_law_check(outs, model, prompt: list[int], params: dict) -> None:
-    """Chi-square of the first three tokens against p(t1) p(t2 | t1) p(t3 | t1, t2), computed
-    from transformers' logits (penalties see the tokens before each position, drafted or not): first on (t1, t2) over all pairs, then on (t1, t2, t3) for the pairs
-    of probability > 1e-4 (the other pairs pooled into one cell). A conditional law that sits on a
-    top-k/top-p boundary (ambiguous to float rounding) has its cells pooled into one, whose
-    probability is exact either way."""
+LAW_ALPHA = 1e-3  # level of the end-to-end law tests
+LAW_CELLS = 8  # cells of the law of the first three tokens tested (the rest pooled into one)
+
+
+def triple_law_cells(model, prompt: list[int], params: dict) -> dict[tuple[int, ...], float]:
+    """The exact law of the first three output tokens, from transformers' logits (penalties see
+    the tokens before each position, drafted or not), as cells: a triple (t1, t2, t3), or a
+    prefix (t1,) / (t1, t2) holding the whole mass below it where the conditional law sits on a
+    top-k/top-p boundary (ambiguous to float rounding) or the prefix has mass < 1e-4. The
+    LAW_CELLS largest cells are kept and the rest pooled under the key ()."""
     T, top_k, top_p = params["temperature"], params.get("top_k", 0), params.get("top_p", 1.0)
-    toks = ids(outs)
-    V = 384
-    p1, clear = reference_law(penalized(hf_next_logits(model, [prompt])[0], prompt, [], params), T, top_k, top_p)
+
+    def law(logits: torch.Tensor, output: list[int]) -> tuple[torch.Tensor, bool]:
+        return reference_law(penalized(logits, prompt, output, params), T, top_k, top_p)
+
+    p1, clear = law(hf_next_logits(model, [prompt])[0], [])
     assert clear
-    support = p1.nonzero().flatten().tolist()
-    logits2 = hf_next_logits(model, [prompt + [c] for c in support])
-    joint = torch.zeros(V, V, dtype=torch.float64)
-    pooled1 = set()
-    for c, lg in zip(support, logits2):
-        law, clear = reference_law(penalized(lg, prompt, [c], params), T, top_k, top_p)
-        joint[c] = p1[c] * law
+    cells: dict[tuple[int, ...], float] = {}
+    pairs: dict[tuple[int, int], float] = {}
+    firsts = p1.nonzero().flatten().tolist()
+    for a, lg in zip(firsts, hf_next_logits(model, [prompt + [a] for a in firsts])):
+        p2, clear = law(lg, [a])
         if not clear:
-            pooled1.add(c)
-    cells2 = joint.clone()
-    for c in pooled1:
-        cells2[c] = 0.0
-        cells2[c, 0] = p1[c]
-    obs2 = [t[0] * V + (0 if t[0] in pooled1 else t[1]) for t in toks]
-    assert chi_square_pvalue(torch.bincount(torch.tensor(obs2), minlength=V * V), cells2) > P_MIN
-    pairs = [(a, b) for a, b in (joint > 1e-4).nonzero().tolist() if a not in pooled1]
-    index = {pair: i for i, pair in enumerate(pairs)}
-    logits3 = hf_next_logits(model, [prompt + [a, b] for a, b in pairs])
-    cells3 = torch.zeros(len(pairs) + 1, V, dtype=torch.float64)
-    pooled2 = set()
-    for i, ((a, b), lg) in enumerate(zip(pairs, logits3)):
-        law, clear = reference_law(penalized(lg, prompt, [a, b], params), T, top_k, top_p)
-        if clear:
-            cells3[i] = joint[a, b] * law
-        else:
-            cells3[i, 0] = joint[a, b]
-            pooled2.add(i)
-    cells3[-1, 0] = 1.0 - cells3[:-1].sum()  # every other pair
-    obs3 = []
-    for t in toks:
-        i = index.get((t[0], t[1]), len(pairs))
-        obs3.append(i * V + (0 if i == len(pairs) or i in pooled2 else t[2]))
-    assert len(pooled1) + len(pooled2) < 10
-    assert chi_square_pvalue(torch.bincount(torch.tensor(obs3), minlength=cells3.numel()), cells3) > P_MIN
+            cells[(a,)] = float(p1[a])
+            continue
+        for b in p2.nonzero().flatten().tolist():
+            pairs[(a, b)] = float(p1[a] * p2[b])
+    big = [pair for pair, mass in pairs.items() if mass > 1e-4]
+    cells.update({pair: mass for pair, mass in pairs.items() if mass <= 1e-4})
+    for (a, b), lg in zip(big, hf_next_logits(model, [prompt + list(pair) for pair in big])):
+        p3, clear = law(lg, [a, b])
+        if not clear:
+            cells[(a, b)] = pairs[(a, b)]
+            continue
+        for c in p3.nonzero().flatten().tolist():
+            cells[(a, b, c)] = pairs[(a, b)] * float(p3[c])
+    assert abs(sum(cells.values()) - 1.0) < 1e-6
+    kept = dict(sorted(cells.items(), key=lambda kv: -kv[1])[:LAW_CELLS])
+    kept[()] = 1.0 - sum(kept.values())
+    return kept
 
 
-N_LAW = 2000
+def law_sample_size() -> int:
+    """Samples for an 80%-power test of LAW_CELLS + 1 cells (tests/stats.py)."""
+    n = samples_for_power(LAW_CELLS, LAW_ALPHA)
+    assert chi_square_power(n, LAW_CELLS, LAW_ALPHA) >= 0.8
+    return n
 
 
-def test_sampling_law_with_ngram_drafts_equals_the_target_law(ckpt):
-    """Target: the tiny Mistral. The prompt is [c, y, z] + S where c, y, z are the most likely
-    continuation of S (which the sliding window makes the continuation of the whole prompt too),
-    so after t1 = c the n-gram lookup drafts [y, z], accepted often but far from always; other
-    t1 get other drafts (from the first occurrence of t1 in the prompt) or none."""
+def assert_triple_law(outs, cells: dict[tuple[int, ...], float]) -> None:
+    keys = list(cells)
+    index = {key: i for i, key in enumerate(keys)}
+    counts = torch.zeros(len(keys))
+    for t in ids(outs):
+        key = next((k for k in (tuple(t[:3]), tuple(t[:2]), tuple(t[:1])) if k in index), ())
+        counts[index[key]] += 1
+    probs = torch.tensor([cells[k] for k in keys], dtype=torch.float64)
+    assert chi_square_df(probs, int(counts.sum())) == LAW_CELLS  # every cell big enough to count
+    assert chi_square_pvalue(counts, probs) > LAW_ALPHA
+
+
+@pytest.mark.parametrize("method", ["ngram", "standard"])
+def test_sampling_law_with_speculation_equals_the_target_law(method, ckpt, perturbed):
+    """The first three tokens follow the target's exact law (chi-square of 9 cells with 80%
+    power against a 5% shift of a cell of mass 0.2). The coupled draft model needs no test of
+    its own here: its outputs are plain sampling's, token for token (the seeded tests below),
+    whose law test_sampling.py tests; its verifier's law is tested in test_rejection_sampler.py.
+    n-gram: the target is the tiny Mistral and
+    the prompt is [c, y, z] + S where c, y, z are the most likely continuation of S (which the
+    sliding window makes the continuation of the whole prompt too), so after t1 = c the lookup
+    drafts [y, z], accepted often but far from always; other t1 get other drafts or none. Draft
+    model (standard rejection sampler): the target's perturbed copy drafts; the request's
+    penalties, temperature and top-p shape both p and q."""
     path = ckpt("mistral")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    params = dict(temperature=0.6, top_k=40, presence_penalty=0.5, frequency_penalty=0.2)
     rng = random.Random(11)
-    S = [rng.randrange(3, 384) for _ in range(60)]
-    head = []
-    for _ in range(3):
-        head.append(int(hf_next_logits(model, [S + head])[0].argmax()))
-    prompt = head + S
-    # 32 at a time: larger batches make the adaptive policy draft fewer tokens per sequence.
-    llm = make_llm(path, ngram(3), max_num_seqs=32)
-    sps = [SamplingParams(**params, max_tokens=4, seed=i, ignore_eos=True) for i in range(N_LAW)]
-    outs = gen(llm, [prompt] * N_LAW, sps)
+    if method == "ngram":
+        params = dict(temperature=0.6, top_k=40, presence_penalty=0.5, frequency_penalty=0.2)
+        S = [rng.randrange(3, 384) for _ in range(30)]
+        head: list[int] = []
+        for _ in range(3):
+            head.append(int(hf_next_logits(model, [S + head])[0].argmax()))
+        prompt = head + S
+    else:
+        params = dict(temperature=0.8, top_p=0.9, repetition_penalty=1.3)
+        prompt = rng.sample(range(3, 384), 20)
+    cells = triple_law_cells(model, prompt, params)
+    n = law_sample_size()
+    llm = make_llm(path, spec_for(method, perturbed, 3), max_num_seqs=32)
+    outs = llm.generate({"prompt_token_ids": prompt},
+                        SamplingParams(n=n, **params, max_tokens=4, seed=7, ignore_eos=True), use_tqdm=False)
     m = spec_metrics(llm)
-    assert m["drafts"] > N_LAW // 2 and 0 < m["accepted"] < m["draft_tokens"]
+    assert m["drafts"] > n // 4 and 0 < m["accepted"] < m["draft_tokens"]
     assert m["per_pos"][1] > 0  # two-token runs accepted too
-    _joint_law_check(outs, model, prompt, params)
+    assert_triple_law(outs, cells)
     assert_no_leaks(llm)
 
 
-def test_sampling_law_with_a_draft_model_equals_the_target_law(ckpt, perturbed):
-    """Target: the tiny Llama; draft: its perturbed copy (accepts about half the drafts). The
-    request's penalties, temperature and top-p shape both p and q."""
-    path = ckpt("llama")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    draft_path = perturbed("llama")
-    params = dict(temperature=0.8, top_p=0.9, repetition_penalty=1.3)
-    prompt = random.Random(12).sample(range(3, 384), 20)
-    llm = make_llm(path, draft(draft_path, 3), max_num_seqs=32)
-    sps = [SamplingParams(**params, max_tokens=4, seed=i, ignore_eos=True) for i in range(N_LAW)]
-    outs = gen(llm, [prompt] * N_LAW, sps)
-    m = spec_metrics(llm)
-    assert m["drafts"] >= N_LAW and 0 < m["accepted"] < m["draft_tokens"]
-    _joint_law_check(outs, model, prompt, params)
-    assert_no_leaks(llm)
+# ---- seeds: same seed, same text -------------------------------------------------------------------
+
+SAMPLED = [dict(temperature=0.5, top_k=50), dict(temperature=0.8, top_p=0.8, presence_penalty=0.4),
+           dict(temperature=0.6, min_p=0.05, repetition_penalty=1.2),
+           dict(temperature=0.4, frequency_penalty=0.3, min_tokens=5, logit_bias={7: 2.0, 11: -3.0})]
 
 
-# ---- seeds ------------------------------------------------------------------------------------------
+def spec_for(method: str, perturbed, k: int, **kw) -> dict:
+    """ngram, the coupled draft model (default) or the standard rejection sampler's draft model."""
+    if method == "ngram":
+        return ngram(k, **kw)
+    if method == "standard":
+        return draft(perturbed("mistral"), k, rejection_sample_method="standard", **kw)
+    return draft(perturbed("mistral"), k, **kw)
+
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_seeded_sampling_with_speculation_repeats_alone_and_batched(method, ckpt, perturbed):
+def test_seeded_sampling_gives_the_same_text_with_and_without_speculation(method, ckpt, plain, perturbed):
+    """Same seed, same text: each of 40 seeded requests (temperature, top-k/p, min-p, penalties,
+    min_tokens, logit_bias) gives the text of plain decoding, alone, inside the batch of 40,
+    with prompts chunked by a 16-token budget and under preemption by a tiny KV budget."""
     path = ckpt("mistral")
-    spec = ngram(4) if method == "ngram" else draft(perturbed("mistral"), 4)
-    prompts = self_copy_prompts(path, 3, seed=21)
-    sp = SamplingParams(temperature=0.7, top_k=50, max_tokens=32, seed=1234, ignore_eos=True)
+    prompts = self_copy_prompts(path, 40, seed=21)
+    params = [SamplingParams(**SAMPLED[i % 4], max_tokens=32, seed=1000 + i, ignore_eos=True) for i in range(40)]
+    want = ids(gen(plain("mistral"), prompts, params))
+    spec = spec_for(method, perturbed, 4)
     llm = make_llm(path, spec)
-    first = ids(gen(llm, prompts[:1], sp))[0]
+    for i in range(4):
+        assert ids(gen(llm, [prompts[i]], params[i]))[0] == want[i]
+    alone = spec_metrics(llm)
+    assert alone["accepted"] > 0 and alone["per_pos"][1] > 0
+    assert ids(gen(llm, prompts, params)) == want
+    chunked = make_llm(path, spec, max_num_batched_tokens=16)
+    assert ids(gen(chunked, prompts[:8], params[:8])) == want[:8]
+    per_block = ModelRunner.kv_bytes_per_block(llm.model_config, 16, torch.float32) * (2 if method != "ngram" else 1)
+    small = make_llm(path, spec, max_model_len=128, kv_cache_memory=12 * per_block)
+    assert ids(gen(small, prompts[:8], params[:8])) == want[:8]
+    for m in (spec_metrics(chunked), spec_metrics(small)):
+        assert m["drafts"] > 0 and m["accepted"] > 0
+    assert spec_metrics(small)["preemptions"] > 0
+    # and the seed matters
+    other = SamplingParams(**SAMPLED[0], max_tokens=32, seed=999, ignore_eos=True)
+    assert ids(gen(llm, [prompts[0]], other))[0] != want[0]
+    for x in (llm, chunked, small):
+        assert_no_leaks(x)
+
+
+def test_seeded_sampling_with_the_standard_rejection_sampler_repeats(ckpt, perturbed):
+    """The standard sampler's text depends on what was drafted (its law does not): the same seed
+    and the same batch give the same text."""
+    path = ckpt("mistral")
+    prompts = self_copy_prompts(path, 3, seed=22)
+    sp = SamplingParams(temperature=0.7, top_k=50, max_tokens=32, seed=1234, ignore_eos=True)
+    llm = make_llm(path, spec_for("standard", perturbed, 4))
+    first = ids(gen(llm, prompts, sp))
     assert spec_metrics(llm)["accepted"] > 0
-    assert ids(gen(llm, prompts[:1], sp))[0] == first
-    assert ids(gen(make_llm(path, spec), prompts[:1], sp))[0] == first
-    others = [SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True),
-              SamplingParams(temperature=0.9, max_tokens=40, seed=5, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=11, ignore_eos=True)]
-    batch = gen(llm, [prompts[1], prompts[2], prompts[0], prompts[1]], [others[0], others[1], sp, others[2]])
-    assert batch[2].outputs[0].token_ids == first
-    other_seed = SamplingParams(temperature=0.7, top_k=50, max_tokens=32, seed=1235, ignore_eos=True)
-    assert ids(gen(llm, prompts[:1], other_seed))[0] != first
+    assert ids(gen(llm, prompts, sp)) == first
+    assert ids(gen(make_llm(path, spec_for("standard", perturbed, 4)), prompts, sp)) == first
+    assert ids(gen(llm, prompts, SamplingParams(temperature=0.7, top_k=50, max_tokens=32, seed=1235,
+                                                ignore_eos=True))) != first
     assert_no_leaks(llm)
 
 
@@ -623,14 +669,9 @@ def test_preemption_under_a_tiny_kv_budget_gives_the_same_outputs(method, ckpt, 
     m = spec_metrics(small)
     assert m["preemptions"] > 0 and m["drafts"] > 0 and m["accepted"] > 0
     assert_no_leaks(small)
-    # Seeded sampling under preemption repeats run to run. (It need not equal the run without
-    # preemption: a recomputed sequence samples without a draft in that step, so it draws fewer
-    # uniforms; the law is the same.)
-    first = ids(gen(small, prompts, sampled))
-    again = make_llm(path, spec, max_model_len=128, kv_cache_memory=12 * per_block)
-    assert ids(gen(again, prompts, sampled)) == first
+    # Seeded sampling under preemption gives the text of the run without it.
+    assert ids(gen(small, prompts, sampled)) == ids(gen(big, prompts, sampled))
     assert_no_leaks(small)
-    assert_no_leaks(again)
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
@@ -656,8 +697,8 @@ def test_mixed_batch(method, ckpt, plain, perturbed):
     for i in (0, 2):  # greedy rows: as plain decoding
         want = gen(plain("mistral"), [prompts[i]], params[i])[0].outputs[0]
         assert_same_completion(outs[i].outputs[0], want, logprobs=params[i].logprobs is not None)
-    for i in (1, 3):  # seeded rows: as the same request alone
-        alone = gen(llm, [prompts[i]], params[i])[0].outputs[0]
+    for i in (1, 3):  # seeded rows: as the same request alone without speculation
+        alone = gen(plain("mistral"), [prompts[i]], params[i])[0].outputs[0]
         assert_same_completion(outs[i].outputs[0], alone, logprobs=params[i].logprobs is not None)
     m = spec_metrics(llm)
     assert m["drafts"] > 0 and m["accepted"] > 0

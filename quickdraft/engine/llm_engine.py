@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from typing import Iterable
 
@@ -16,6 +17,7 @@ from quickdraft.engine.scheduler import ScheduledSeq, Scheduler
 from quickdraft.engine.sequence import Request, Sequence
 from quickdraft.models.loader import LoadedModel
 from quickdraft.outputs import RequestMetrics, RequestOutput
+from quickdraft.sample.noise import ACCEPT, TARGET, NoiseCache, NoiseKey, uniform
 from quickdraft.sample.sampler import argmax_rows, compute_logprobs, penalized_logits, process_logits, sample
 from quickdraft.sample.sampling_metadata import build_sampling_metadata
 from quickdraft.sampling_params import SamplingParams
@@ -25,6 +27,7 @@ from quickdraft.spec_decode.draft_model import DraftModelProposer
 from quickdraft.spec_decode.metrics import SpecDecodeStats
 from quickdraft.spec_decode.proposer import Draft, NgramProposer, Proposer
 from quickdraft.spec_decode.rejection_sampler import rejection_sample
+from quickdraft.tokenizer import encode_bad_words
 
 logger = logging.getLogger("quickdraft")
 
@@ -46,8 +49,8 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, config.max_model_len)
-        self.generator = torch.Generator(device=config.device)
-        self.generator.manual_seed(config.seed)
+        # Seeds for requests without one: reproducible from the engine seed and arrival order.
+        self._seed_rng = random.Random(config.seed)
         self.requests: dict[str, Request] = {}
         self._next_seq_id = 0
         self._arrivals = 0
@@ -66,34 +69,49 @@ class LLMEngine:
                 assert draft is not None
                 draft_runner = ModelRunner(draft.model, config.num_kv_blocks, config.block_size,
                                            draft.model.embed_tokens.dtype, config.device)
-                self.proposer = DraftModelProposer(draft_runner, self.block_manager, self.eos_token_ids, self.generator)
+                self.proposer = DraftModelProposer(draft_runner, self.block_manager, self.eos_token_ids,
+                                                   speculative_config.rejection_sample_method)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float | None = None) -> None:
+        """Queue a request. Raises ValueError (and queues nothing) if it is invalid."""
         if request_id in self.requests:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        self.validate_prompt(prompt_token_ids)
+        prompt_token_ids = self.validate_request(prompt_token_ids, params)
+        bad_words = encode_bad_words(self.tokenizer, params.bad_words) if params.bad_words else []
         max_len = self.config.max_model_len
         room = max_len - len(prompt_token_ids)
         max_out = room if params.max_tokens is None else min(params.max_tokens, room)
         metrics = RequestMetrics(arrival_time=arrival_time or time.time(), num_prompt_tokens=len(prompt_token_ids))
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(64)
         seqs = []
         for index in range(params.n):
-            generator = None
-            if params.seed is not None:
-                generator = torch.Generator(device=self.config.device)
-                generator.manual_seed(params.seed if index == 0 else hash((params.seed, index)) % (2**63))
             seq = Sequence(seq_id=self._next_seq_id, request_id=request_id, index=index,
-                           prompt_token_ids=list(prompt_token_ids), params=params, generator=generator,
-                           arrival_order=self._arrivals, max_output_tokens=max_out)
+                           prompt_token_ids=list(prompt_token_ids), params=params, seed=seed,
+                           arrival_order=self._arrivals, max_output_tokens=max_out,
+                           bad_words_token_ids=bad_words)
             self.output_processor.init_sequence(seq)
             self._next_seq_id += 1
             seqs.append(seq)
         self._arrivals += 1
-        self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), params, seqs, metrics)
+        self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), params, seqs, metrics,
+                                            prompt_logprobs=None if params.prompt_logprobs is None else [None])
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        """Check a request against the model (vocabulary, context) before anything is queued;
+        returns the prompt as it will run (``truncate_prompt_tokens`` applied)."""
+        if params.truncate_prompt_tokens is not None:
+            prompt_token_ids = prompt_token_ids[-params.truncate_prompt_tokens:]
+        self.validate_prompt(prompt_token_ids)
+        vocab = self.model_config.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"{name} contains out-of-vocabulary token id {bad[0]} (vocab size {vocab}).")
+        return list(prompt_token_ids)
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         if not prompt_token_ids:
@@ -134,7 +152,8 @@ class LLMEngine:
                 raise RuntimeError("The scheduler could not schedule any sequence: the KV cache is too small.")
             return []
         now = time.time()
-        drafts = self._propose(sched.scheduled)
+        noise = NoiseCache(self.model_config.vocab_size, self.config.device)
+        drafts = self._propose(sched.scheduled, noise)
         inputs, samplers, prompt_lp = self._prepare(sched.scheduled, drafts, now)
         logits = self.runner.execute(inputs)  # [rows, vocab]
         # Each scheduled sequence owns len(tokens) - logits_from consecutive rows: its prompt-logprob
@@ -154,9 +173,9 @@ class LLMEngine:
             row += n_rows
         seq_drafts = [drafts.get(s.seq_id) for s in sampled]
         if self.proposer is None or not any(seq_drafts):  # nothing to verify: plain sampling, same law
-            emitted, accepted = self._sample(sampled, logits, first_rows)
+            emitted, accepted = self._sample(sampled, logits, first_rows, noise)
         else:
-            emitted, accepted = self._verify(sampled, seq_drafts, logits, first_rows)
+            emitted, accepted = self._verify(sampled, seq_drafts, logits, first_rows, noise)
         logprobs = self._logprobs(sampled, emitted, logits, first_rows)
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
@@ -182,11 +201,11 @@ class LLMEngine:
         k = self.draft_policy.for_batch(seq.spec_k, len(self.scheduler.running))
         return max(0, min(k, room))
 
-    def _propose(self, scheduled: list[ScheduledSeq]) -> dict[int, Draft]:
+    def _propose(self, scheduled: list[ScheduledSeq], noise: NoiseCache) -> dict[int, Draft]:
         items = [it for it in scheduled if it.num_lookahead > 0]
         if not items:
             return {}
-        proposals = self.proposer.propose([it.seq for it in items], [it.num_lookahead for it in items])
+        proposals = self.proposer.propose([it.seq for it in items], [it.num_lookahead for it in items], noise)
         return {it.seq.seq_id: d for it, d in zip(items, proposals) if d.token_ids}
 
     def _prepare(self, scheduled: list[ScheduledSeq], drafts: dict[int, Draft], now: float
@@ -203,8 +222,7 @@ class LLMEngine:
             if start == 0 and seq.num_preemptions == 0 and seq.index == 0:
                 self.num_prompt_tokens_total += seq.num_prompt_tokens
             samples = start + n == seq.num_tokens
-            wants = (req.params.prompt_logprobs is not None and seq.index == 0 and seq.num_preemptions == 0
-                     and start < seq.num_prompt_tokens)
+            wants = seq.index == 0 and _needs_prompt_logprobs(req, start, n)
             logits_from = 0 if wants else (n - 1 if samples else n)
             draft = drafts.get(seq.seq_id)
             tokens = seq.token_ids[start:start + n] + (draft.token_ids if draft else [])
@@ -213,7 +231,7 @@ class LLMEngine:
             prompt_lp.append(wants)
         return inputs, samplers, prompt_lp
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, rows: list[int]
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, rows: list[int], noise: NoiseCache
                 ) -> tuple[list[list[int]], list[int]]:
         if not seqs:
             return [], []
@@ -222,11 +240,13 @@ class LLMEngine:
         else:
             seq_logits = logits.index_select(0, torch.tensor(rows, device=logits.device))  # [S, vocab]
         md = build_sampling_metadata(seqs, self.eos_token_ids, seq_logits.shape[1], seq_logits.device)
-        tokens = sample(seq_logits, md, self.generator).tolist()
+        rows_noise = None if md.all_greedy else noise.rows(
+            [None if s.params.greedy else NoiseKey(s.seed, s.index, s.num_output_tokens, TARGET) for s in seqs])
+        tokens = sample(seq_logits, md, rows_noise).tolist()
         return [[t] for t in tokens], [0] * len(seqs)
 
-    def _verify(self, seqs: list[Sequence], drafts: list[Draft | None], logits: torch.Tensor, first_rows: list[int]
-                ) -> tuple[list[list[int]], list[int]]:
+    def _verify(self, seqs: list[Sequence], drafts: list[Draft | None], logits: torch.Tensor, first_rows: list[int],
+                noise: NoiseCache) -> tuple[list[list[int]], list[int]]:
         """Rejection-sample every sampling sequence's draft (possibly empty) against the target."""
         if not seqs:
             return [], []
@@ -240,7 +260,7 @@ class LLMEngine:
         target_argmax = argmax_rows(penalized_logits(target_logits, md))
         target_probs = None if md.all_greedy else process_logits(target_logits, md).softmax(dim=-1)
         result = rejection_sample(target_probs, target_argmax, draft_ids, [d.probs if d else None for d in drafts],
-                                  [s.params.greedy for s in seqs], [s.generator or self.generator for s in seqs])
+                                  [s.params.greedy for s in seqs], _SequenceNoise(seqs, noise))
         return result.emitted, result.num_accepted
 
     def _logprobs(self, seqs: list[Sequence], emitted: list[list[int]], logits: torch.Tensor,
@@ -308,6 +328,34 @@ class LLMEngine:
                     100 * self.block_manager.usage, self.num_prompt_tokens_total, self.num_generation_tokens_total)
         if self.spec_stats is not None:
             logger.info(self.spec_stats.log_line())
+
+
+def _needs_prompt_logprobs(req: Request, start: int, n: int) -> bool:
+    """Whether computing positions [start, start + n) yields prompt logprobs not recorded yet.
+    Position i's logits give the entry of prompt token i + 1; entries 1..done are recorded (a
+    sequence preempted mid-prompt recomputes from 0 and only fills in the rest)."""
+    if req.prompt_logprobs is None:
+        return False
+    done = len(req.prompt_logprobs) - 1
+    return max(start, done) <= min(start + n - 1, len(req.prompt_token_ids) - 2)
+
+
+class _SequenceNoise:
+    """The verifier's view of the step's noise: (sequence i, draft offset j) -> the sequence's
+    key at output position num_output_tokens + j."""
+
+    def __init__(self, seqs: list[Sequence], cache: NoiseCache) -> None:
+        self.seqs, self.cache = seqs, cache
+
+    def _key(self, i: int, offset: int, stream: int) -> NoiseKey:
+        s = self.seqs[i]
+        return NoiseKey(s.seed, s.index, s.num_output_tokens + offset, stream)
+
+    def exponential(self, i: int, offset: int, stream: int) -> torch.Tensor:
+        return self.cache.exponential(self._key(i, offset, stream))
+
+    def uniform(self, i: int, offset: int) -> float:
+        return uniform(self._key(i, offset, ACCEPT))
 
 
 def _as_id_list(value: int | Iterable[int] | None) -> list[int]:

@@ -104,15 +104,15 @@ class OutputProcessor:
             seq.finish_reason, seq.stop_reason = "stop", stop
 
     def add_prompt_logprobs(self, req: Request, logits: torch.Tensor, start_pos: int) -> None:
-        """logits: [n, vocab] for prompt positions start_pos.. ; row r predicts token start_pos+r+1."""
+        """logits: [n, vocab] for prompt positions start_pos.. ; row r predicts token start_pos+r+1.
+        Entries already recorded (before a preemption) are kept, not appended twice."""
         prompt = req.prompt_token_ids
-        if req.prompt_logprobs is None:
-            req.prompt_logprobs = [None]
+        skip = max(0, len(req.prompt_logprobs) - 1 - start_pos)  # rows whose entries exist
         n = min(logits.shape[0], len(prompt) - 1 - start_pos)
-        if n <= 0:
+        if n <= skip:
             return
-        targets = torch.tensor(prompt[start_pos + 1:start_pos + 1 + n], device=logits.device)
-        entries = zip(*[t.tolist() for t in compute_logprobs(logits[:n], targets, req.params.prompt_logprobs)])
+        targets = torch.tensor(prompt[start_pos + 1 + skip:start_pos + 1 + n], device=logits.device)
+        entries = zip(*[t.tolist() for t in compute_logprobs(logits[skip:n], targets, req.params.prompt_logprobs)])
         for token, entry in zip(targets.tolist(), entries):
             req.prompt_logprobs.append(self._logprob_dict(token, entry))
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from quickdraft.outputs import Logprob, RequestMetrics
 from quickdraft.sampling_params import SamplingParams
 
@@ -27,12 +25,13 @@ class Sequence:
     index: int  # which of the request's n samples
     prompt_token_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator | None  # per-request seeded generator; None = engine's
+    seed: int  # the request's seed (or one the engine drew for it): its noise stream, see sample/noise.py
     arrival_order: int
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     max_output_tokens: int = 0  # max_tokens clipped to the context
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)  # SamplingParams.bad_words, tokenized
     # Output state.
     output_text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
@@ -89,7 +88,13 @@ class Request:
     seqs: list[Sequence]
     metrics: RequestMetrics
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    _first_unfinished: int = field(default=0, repr=False)
 
     @property
     def is_finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        # A finished sequence stays finished: scan on from the first one not known finished,
+        # so that checking after every step costs O(1) amortised even with a large n.
+        seqs = self.seqs
+        while self._first_unfinished < len(seqs) and seqs[self._first_unfinished].is_finished:
+            self._first_unfinished += 1
+        return self._first_unfinished == len(seqs)

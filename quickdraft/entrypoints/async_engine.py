@@ -117,10 +117,11 @@ class AsyncLLM:
     def get_default_sampling_params(self) -> SamplingParams:
         return self.llm.get_default_sampling_params()
 
-    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
-        """Raise ValueError for an empty, out-of-vocabulary or too long prompt (reads only
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        """Raise ValueError for an empty, out-of-vocabulary or too long prompt, or token ids in
+        the params outside the vocabulary; returns the prompt as it will run (reads only
         immutable engine settings, so it is safe outside the engine thread)."""
-        self.engine.validate_prompt(prompt_token_ids)
+        return self.engine.validate_request(prompt_token_ids, params)
 
     # ---- requests -------------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],

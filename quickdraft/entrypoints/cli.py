@@ -160,7 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         text, ids = args.prompt, tok.encode(args.prompt)
     engine = llm.engine
-    engine.validate_prompt(ids)
+    engine.validate_request(ids, params)
     t0 = time.perf_counter()
     if args.stream:
         engine.add_request("generate-0", text, ids, params)

@@ -46,8 +46,8 @@ _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFou
                 503: "ServiceUnavailableError"}
 _SAMPLING_FIELDS = {"n", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p",
                     "top_k", "min_p", "seed", "stop", "stop_token_ids", "max_tokens", "min_tokens", "logprobs",
-                    "prompt_logprobs"}
-_SEED_RANGE = (-(2**63), 2**64 - 1)
+                    "prompt_logprobs", "logit_bias", "allowed_token_ids", "bad_words", "truncate_prompt_tokens"}
+_SEED_RANGE = (-(2**63), 2**64 - 1)  # OpenAI's int64 seeds and SamplingParams' uint64 ones
 
 
 class APIError(Exception):
@@ -68,11 +68,11 @@ def error_response(status: int, message: str, param: str | None = None, err_type
     return JSONResponse(error_body(status, message, param, err_type), status_code=status)
 
 
-def _bad_request(e: Exception) -> APIError:
+def _bad_request(e: Exception, default_param: str | None = None) -> APIError:
     """A 400 from a SamplingParams / engine ValueError; ``param`` is the field it names, if any."""
     message = str(e)
     first = message.split(" ", 1)[0]
-    return APIError(400, message, param=first if first in _SAMPLING_FIELDS else None)
+    return APIError(400, message, param=first if first in _SAMPLING_FIELDS else default_param)
 
 
 def _clamp(lp: float) -> float:
@@ -207,21 +207,23 @@ class OpenAIServing:
             raise APIError(404, f"The model `{requested}` does not exist.", param="model")
         return requested
 
-    def check_prompt(self, token_ids: list[int], param: str = "prompt") -> None:
+    def check_prompt(self, token_ids: list[int], params: SamplingParams, param: str = "prompt") -> list[int]:
+        """The prompt as it will run (``truncate_prompt_tokens`` applied), or a 400."""
+        if params.truncate_prompt_tokens is not None:
+            token_ids = token_ids[-params.truncate_prompt_tokens:]
         n = len(token_ids)
         if n >= self.max_model_len:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
                                 f"your request has {n} input tokens, which leaves no room for a completion. "
                                 f"Please reduce the length of the input.", param=param)
         try:
-            self.engine.validate_prompt(token_ids)
+            self.engine.validate_request(token_ids, params)
         except ValueError as e:
-            raise APIError(400, str(e), param=param) from None
+            raise _bad_request(e, default_param=param) from None
+        return token_ids
 
     def sampling_params(self, body: CompletionRequest | ChatCompletionRequest, *, max_tokens: int | None,
                         logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
-        if body.logit_bias:
-            raise APIError(400, "logit_bias is not supported.", param="logit_bias")
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
         if body.n > self.max_n:
@@ -245,12 +247,15 @@ class OpenAIServing:
                 frequency_penalty=pick(body.frequency_penalty, 0.0),
                 repetition_penalty=pick(body.repetition_penalty, d.repetition_penalty),
                 temperature=pick(body.temperature, d.temperature), top_p=pick(body.top_p, d.top_p),
-                top_k=pick(top_k, d.top_k), min_p=pick(body.min_p, d.min_p), seed=body.seed, stop=body.stop,
+                top_k=pick(top_k, d.top_k), min_p=pick(body.min_p, d.min_p),
+                seed=None if body.seed is None else body.seed % 2**64, stop=body.stop,
                 stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, max_tokens=max_tokens,
                 min_tokens=body.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=body.skip_special_tokens,
                 spaces_between_special_tokens=body.spaces_between_special_tokens,
-                include_stop_str_in_output=body.include_stop_str_in_output)
+                include_stop_str_in_output=body.include_stop_str_in_output, logit_bias=body.logit_bias,
+                allowed_token_ids=body.allowed_token_ids, bad_words=body.bad_words,
+                truncate_prompt_tokens=body.truncate_prompt_tokens)
         except (ValueError, TypeError) as e:
             raise _bad_request(e) from None
 
@@ -271,8 +276,6 @@ class OpenAIServing:
                 out.append(_Prompt(item, self.tokenizer.encode(item, add_special_tokens=body.add_special_tokens)))
             else:
                 out.append(_Prompt(None, list(item)))
-        for prompt in out:
-            self.check_prompt(prompt.token_ids)
         return out
 
     def render_chat(self, messages: list[ChatMessage], *, add_generation_prompt: bool, continue_final_message: bool,
@@ -407,6 +410,10 @@ async def create_completion(serving: OpenAIServing, body: CompletionRequest, req
     params = serving.sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs,
                                      prompt_logprobs=body.logprobs if echo and body.logprobs is not None else None)
     for p in prompts:
+        truncated = serving.check_prompt(p.token_ids, params)
+        if len(truncated) != len(p.token_ids):
+            p.text, p.token_ids = None, truncated  # echo shows what ran
+    for p in prompts:
         if echo and p.text is None:
             p.text = serving.tokenizer.decode(p.token_ids, skip_special_tokens=False)
     base_id = _new_id("cmpl")
@@ -535,9 +542,9 @@ async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionReq
                                  continue_final_message=body.continue_final_message,
                                  chat_template_kwargs=body.chat_template_kwargs,
                                  add_special_tokens=body.add_special_tokens)
-    serving.check_prompt(prompt.token_ids, param="messages")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = serving.sampling_params(body, max_tokens=max_tokens, logprobs=top_n)
+    prompt.token_ids = serving.check_prompt(prompt.token_ids, params, param="messages")
     base_id = _new_id("chatcmpl")
     group = RequestGroup(serving.engine)
     await _add_all(serving, group, base_id, [prompt], params, arrival)

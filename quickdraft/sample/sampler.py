@@ -2,8 +2,8 @@
 
 The same `process_logits` turns raw logits into the distribution p that plain sampling draws
 from and that speculative verification compares drafts against, so both paths follow one law.
-Order (vLLM's): min-tokens bans and penalties on raw logits (greedy takes the argmax here),
-then temperature, min-p, top-k and top-p.
+Order (vLLM's): allowed_token_ids, bad_words and min_tokens bans, logit_bias, then penalties on
+raw logits (greedy takes the argmax here), then temperature, min-p, top-k and top-p.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ class SamplingMetadata:
     repetition_penalty: torch.Tensor | None = None  # [N]
     prompt_mask: torch.Tensor | None = None  # [N, V] bool, token appears in the prompt
     output_counts: torch.Tensor | None = None  # [N, V] float32, occurrences in the output so far
-    banned_tokens: list[list[int]] | None = None  # per row, ids masked out (min_tokens)
-    generators: list[torch.Generator | None] | None = None  # per row; None = the default generator
+    allowed_mask: torch.Tensor | None = None  # [N, V] bool, False = banned (allowed_token_ids); None = all
+    banned_tokens: list[list[int]] | None = None  # per row, ids masked out (min_tokens, bad_words)
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, cols, values) [B] each
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -50,13 +51,20 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     return logits
 
 
-def apply_bans(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+def apply_bans_and_bias(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Tokens outside allowed_token_ids and banned tokens (bad words, min_tokens) to -inf, then
+    logit_bias added. Returns a new tensor when anything applies."""
+    if md.allowed_mask is not None:
+        logits = logits.masked_fill(~md.allowed_mask, float("-inf"))
     if md.banned_tokens:
         rows = [i for i, ids in enumerate(md.banned_tokens) for _ in ids]
         cols = [t for ids in md.banned_tokens for t in ids]
         if rows:
-            logits = logits.clone()
+            logits = logits.clone() if md.allowed_mask is None else logits
             logits[rows, cols] = float("-inf")
+    if md.logit_bias is not None:
+        rows, cols, values = md.logit_bias
+        logits = logits.index_put((rows, cols), values, accumulate=True)
     return logits
 
 
@@ -86,8 +94,9 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def penalized_logits(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """Raw logits [N, V] with bans and penalties applied (what greedy takes the argmax of)."""
-    return apply_penalties(apply_bans(logits, md), md)
+    """Raw logits [N, V] with bans, logit bias and penalties applied (what greedy takes the
+    argmax of)."""
+    return apply_penalties(apply_bans_and_bias(logits, md), md)
 
 
 def process_logits(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -101,20 +110,6 @@ def process_logits(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     if md.top_k is not None or md.top_p is not None:
         logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
     return logits
-
-
-def exponential_noise(shape_v: int, n_rows: int, generators: list[torch.Generator | None] | None,
-                      default: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Exp(1) noise [N, V]; row i is drawn from its own generator when it has one, so a seeded
-    request's draws do not depend on the rest of the batch."""
-    noise = torch.empty(n_rows, shape_v, device=device)
-    if generators is None or all(g is None for g in generators):
-        noise.exponential_(generator=default)
-    else:
-        for i, g in enumerate(generators):
-            noise[i].exponential_(generator=g if g is not None else default)
-    # A draw of exactly 0 would make p / E undefined for a masked token (p = 0).
-    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
@@ -133,13 +128,14 @@ def sample_from_probs(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return argmax_rows(probs / noise)
 
 
-def sample(logits: torch.Tensor, md: SamplingMetadata, default_generator: torch.Generator) -> torch.Tensor:
-    """Raw float32 logits [N, V] -> sampled token ids [N]."""
+def sample(logits: torch.Tensor, md: SamplingMetadata, noise: torch.Tensor | None) -> torch.Tensor:
+    """Raw float32 logits [N, V] -> sampled token ids [N]. noise: Exp(1) [N, V], row i the
+    noise of row i's sequence at the position it samples (see sample/noise.py); unused by
+    greedy rows and may be None when every row is greedy."""
     greedy_tokens = argmax_rows(penalized_logits(logits, md))
     if md.all_greedy:
         return greedy_tokens
     probs = process_logits(logits, md).softmax(dim=-1)
-    noise = exponential_noise(logits.shape[1], logits.shape[0], md.generators, default_generator, logits.device)
     sampled = sample_from_probs(probs, noise)
     return torch.where(md.greedy, greedy_tokens, sampled)
 

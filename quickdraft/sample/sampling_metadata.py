@@ -14,7 +14,7 @@ def build_sampling_metadata(seqs: Seq[Sequence], eos_token_ids: frozenset[int], 
                             device: torch.device, extra_output_tokens: Seq[Seq[int]] | None = None
                             ) -> SamplingMetadata:
     """One row per sequence. ``extra_output_tokens[i]`` are tokens to count as already generated
-    for row i (a speculative draft prefix), for penalties and min_tokens."""
+    for row i (a speculative draft prefix), for penalties, min_tokens and bad words."""
     params = [s.params for s in seqs]
     outputs = [s.output_token_ids + (list(extra_output_tokens[i]) if extra_output_tokens else [])
                for i, s in enumerate(seqs)]
@@ -36,30 +36,49 @@ def build_sampling_metadata(seqs: Seq[Sequence], eos_token_ids: frozenset[int], 
     use_pres = any(p.presence_penalty != 0.0 for p in params)
     if use_rep or use_freq or use_pres:
         counts = torch.zeros(len(seqs), vocab_size, **f32)
-        for i, out in enumerate(outputs):
-            if out:
-                ids = torch.tensor(out, dtype=torch.int64, device=device)
-                counts[i].index_add_(0, ids, torch.ones(len(out), **f32))
+        rows, cols = _flat_index(outputs, device)
+        counts.index_put_((rows, cols), torch.ones(rows.shape[0], **f32), accumulate=True)  # exact: integer sums
         md.output_counts = counts
         if use_rep:
             md.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], **f32)
             mask = torch.zeros(len(seqs), vocab_size, dtype=torch.bool, device=device)
-            for i, s in enumerate(seqs):
-                mask[i, torch.tensor(s.prompt_token_ids, dtype=torch.int64, device=device)] = True
+            mask[_flat_index([s.prompt_token_ids for s in seqs], device)] = True
             md.prompt_mask = mask
         if use_freq:
             md.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], **f32)
         if use_pres:
             md.presence_penalty = torch.tensor([p.presence_penalty for p in params], **f32)
     banned: list[list[int]] = []
-    for p, out in zip(params, outputs):
+    for s, p, out in zip(seqs, params, outputs):
+        ids: set[int] = set()
         if len(out) < p.min_tokens:
-            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
-            banned.append(sorted(t for t in stops if t < vocab_size))
-        else:
-            banned.append([])
+            ids.update(p.stop_token_ids)
+            if not p.ignore_eos:
+                ids.update(eos_token_ids)
+        for word in s.bad_words_token_ids:
+            if len(word) == 1 or (len(out) >= len(word) - 1 and out[len(out) - len(word) + 1:] == word[:-1]):
+                ids.add(word[-1])
+        banned.append(sorted(t for t in ids if t < vocab_size))
     if any(banned):
         md.banned_tokens = banned
-    if any(s.generator is not None for s in seqs):
-        md.generators = [s.generator for s in seqs]
+    if any(p.allowed_token_ids is not None for p in params):
+        allowed = torch.ones(len(seqs), vocab_size, dtype=torch.bool, device=device)
+        for i, p in enumerate(params):
+            if p.allowed_token_ids is not None:
+                allowed[i] = False
+                allowed[i, torch.tensor(p.allowed_token_ids, dtype=torch.int64, device=device)] = True
+        md.allowed_mask = allowed
+    if any(p.logit_bias for p in params):
+        rows = [i for i, p in enumerate(params) for _ in (p.logit_bias or {})]
+        cols = [t for p in params for t in (p.logit_bias or {})]
+        values = [v for p in params for v in (p.logit_bias or {}).values()]
+        md.logit_bias = (torch.tensor(rows, dtype=torch.int64, device=device),
+                         torch.tensor(cols, dtype=torch.int64, device=device), torch.tensor(values, **f32))
     return md
+
+
+def _flat_index(token_lists: Seq[Seq[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token) index pairs of every token of every row, as two int64 tensors."""
+    rows = [i for i, tokens in enumerate(token_lists) for _ in tokens]
+    cols = [t for tokens in token_lists for t in tokens]
+    return (torch.tensor(rows, dtype=torch.int64, device=device), torch.tensor(cols, dtype=torch.int64, device=device))

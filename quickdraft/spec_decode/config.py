@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 METHODS = ("ngram", "draft_model")
+REJECTION_SAMPLE_METHODS = ("coupled", "standard")
+DEFAULT_REJECTION_SAMPLE_METHOD = "coupled"  # chosen from benchmarks/coupling.py's figures (README)
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,11 @@ class SpeculativeConfig:
     model: the draft model (HF folder or GGUF with the target's vocabulary) for draft_model.
     draft_dtype: the draft model's dtype (default: the target's).
     disable_by_batch_size: no drafting while at least this many sequences are running.
+    rejection_sample_method: how a draft model's sampled drafts are drawn and verified:
+        "coupled" (the draft samples with the target's per-position noise and is verified by
+        sample-and-match: output identical to plain decoding with the same seed) or "standard"
+        (the draft samples with its own noise; Leviathan et al.'s rejection sampler). n-gram
+        drafts are point masses and are always verified by sample-and-match.
     """
 
     num_speculative_tokens: int
@@ -29,6 +36,7 @@ class SpeculativeConfig:
     model: str | None = None
     draft_dtype: str | None = None
     disable_by_batch_size: int | None = None
+    rejection_sample_method: str | None = None
 
     def __post_init__(self) -> None:
         k = self.num_speculative_tokens
@@ -62,6 +70,15 @@ class SpeculativeConfig:
                 raise ValueError("speculative_config needs 'model' (the draft model's path) for method='draft_model'.")
             if self.prompt_lookup_min is not None or self.prompt_lookup_max is not None:
                 raise ValueError("prompt_lookup_min/prompt_lookup_max only apply to method='ngram'.")
+        rsm = self.rejection_sample_method
+        if rsm is None:
+            rsm = DEFAULT_REJECTION_SAMPLE_METHOD
+        elif rsm not in REJECTION_SAMPLE_METHODS:
+            raise ValueError(f"rejection_sample_method must be one of {list(REJECTION_SAMPLE_METHODS)}, got {rsm!r}.")
+        elif method == "ngram" and rsm != "coupled":
+            raise ValueError("rejection_sample_method='standard' applies to method='draft_model'; n-gram drafts are "
+                             "point masses, always verified by sample-and-match ('coupled').")
+        object.__setattr__(self, "rejection_sample_method", rsm)
         b = self.disable_by_batch_size
         if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
             raise ValueError(f"disable_by_batch_size must be a positive integer, got {b!r}.")

@@ -1,5 +1,12 @@
 """Draft-model proposer: a second, smaller model with the target's vocabulary drafts k tokens
-autoregressively with each request's own sampling settings, returning its laws q.
+autoregressively with each request's own sampling settings.
+
+How a sampled draft token is drawn decides how it is verified (spec_decode/rejection_sampler.py):
+``coupled`` draws x_j = argmax(q_j / E_j) with the *target's* noise E_j of that position (a
+Gumbel-max coupling of draft and target) and returns no law: given the noise the draft is a point
+mass, verified by sample-and-match, and the output equals plain seeded decoding token for token.
+``standard`` draws x_j with its own DRAFT noise and returns its laws q for the standard
+rejection sampler.
 
 Its KV cache has the same slots as the target's and uses the target's block tables, so a
 position's draft keys and values live in the same slot as the target's. After verification the
@@ -17,21 +24,22 @@ import torch
 from quickdraft.engine.block_manager import BlockManager
 from quickdraft.engine.model_runner import ModelRunner, SeqInput
 from quickdraft.engine.sequence import Sequence as Seq
-from quickdraft.sample.sampler import (argmax_rows, exponential_noise, penalized_logits, process_logits,
-                                      sample_from_probs)
+from quickdraft.sample.noise import DRAFT, TARGET, NoiseCache, NoiseKey
+from quickdraft.sample.sampler import argmax_rows, penalized_logits, process_logits, sample_from_probs
 from quickdraft.sample.sampling_metadata import build_sampling_metadata
 from quickdraft.spec_decode.proposer import Draft
 
 
 class DraftModelProposer:
     def __init__(self, runner: ModelRunner, block_manager: BlockManager, eos_token_ids: frozenset[int],
-                 default_generator: torch.Generator) -> None:
+                 method: str = "coupled") -> None:
+        assert method in ("coupled", "standard")
         self.runner = runner
         self.block_manager = block_manager
         self.eos_token_ids = eos_token_ids
-        self.default_generator = default_generator
+        self.coupled = method == "coupled"
 
-    def propose(self, seqs: Sequence[Seq], max_tokens: Sequence[int]) -> list[Draft]:
+    def propose(self, seqs: Sequence[Seq], max_tokens: Sequence[int], noise: NoiseCache) -> list[Draft]:
         drafts = [Draft([], None) for _ in seqs]
         active = [i for i, k in enumerate(max_tokens) if k > 0]
         if not active:
@@ -53,13 +61,14 @@ class DraftModelProposer:
             tokens = argmax_rows(penalized_logits(logits, md))
             if not md.all_greedy:
                 q = process_logits(logits, md).softmax(dim=-1)
-                gens = [s.generator or self.default_generator for s in rows]
-                noise = exponential_noise(q.shape[1], q.shape[0], gens, self.default_generator, q.device)
-                tokens = torch.where(md.greedy, tokens, sample_from_probs(q, noise))
+                stream = TARGET if self.coupled else DRAFT
+                keys = [None if s.params.greedy else NoiseKey(s.seed, s.index, s.num_output_tokens + step, stream)
+                        for s in rows]
+                tokens = torch.where(md.greedy, tokens, sample_from_probs(q, noise.rows(keys)))
             token_list = tokens.tolist()
             for r, i in enumerate(active):
                 drafts[i].token_ids.append(token_list[r])
-                if not rows[r].params.greedy:
+                if not self.coupled and not rows[r].params.greedy:
                     q_rows[i].append(q[r])
             step += 1
             active = [i for i in active if len(drafts[i].token_ids) < max_tokens[i]]
