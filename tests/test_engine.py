@@ -69,6 +69,34 @@ def test_preemption_under_tiny_kv_budget_gives_same_outputs(tiny_checkpoint, tin
     assert token_ids(small.generate([{"prompt_token_ids": p} for p in prompts], sampled, use_tqdm=False)) == ref
 
 
+def test_prompt_logprobs_survive_a_preemption_during_chunked_prefill(tiny_checkpoint, tiny_llm, monkeypatch):
+    """41-token prompts prefilled 8 tokens a step under a 4-block KV budget: sequences are
+    preempted in the middle of their prompt and recomputed; every request still gets all 41
+    prompt entries (None, then 40 logprob dicts), equal to those of a run without pressure."""
+    prompts = random_prompts(4, seed=5, lo=40, hi=41)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=3)
+    want = tiny_llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    per_block = 2 * 2 * 16 * 2 * 16 * 4
+    small = LLM(str(tiny_checkpoint("llama")), dtype="float32", device="cpu", max_model_len=64,
+                kv_cache_memory=4 * per_block, max_num_batched_tokens=8)
+    preempted_in_prompt = []
+    original = small.engine.scheduler._preempt
+
+    def spy(seq):
+        if seq.num_computed_tokens < seq.num_prompt_tokens:
+            preempted_in_prompt.append(seq.request_id)
+        original(seq)
+
+    monkeypatch.setattr(small.engine.scheduler, "_preempt", spy)
+    got = small.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert preempted_in_prompt
+    for g, w in zip(got, want):
+        assert len(g.prompt_logprobs) == len(g.prompt_token_ids) == 41 and g.prompt_logprobs[0] is None
+        assert g.prompt_logprobs == w.prompt_logprobs
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+    assert_no_leaks(small)
+
+
 def test_chunked_prefill_and_small_batches_give_same_outputs(tiny_checkpoint, tiny_llm):
     prompts = random_prompts(6, seed=3, lo=30, hi=60)
     expected = token_ids(tiny_llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False))

@@ -1,28 +1,124 @@
-"""Greedy speculative decoding is token-identical to plain decoding on the real model, in
-every CPU dtype: 50 chat prompts x 128 tokens, batched (verification rows of many sequences
-share the forward pass with decodes of others)."""
+"""Speculation changes no output on the real model (SmolLM2-135M-Instruct): greedy decoding
+with n-gram drafts is token-identical to plain decoding, and a seeded sampled request gives the
+same text with or without speculation, whatever else is batched.
+
+Checked one request at a time (drafts of the full k = 5 verified: the last per-position
+acceptance counter is asserted), in small batches, and with 50 prompts at once, in every CPU
+dtype for which the engine claims it: float32 on every CPU (the native kernels), and bfloat16
+where torch's bf16 kernels were found batch-invariant (CPUs without AVX512-BF16/AMX; on those the
+engine warns instead, see test_bfloat16_speculation_warns_where_it_is_not_exact).
+"""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 
 from quickdraft import LLM, SamplingParams
+from quickdraft.config import cpu_has_native_bf16
 
+K = 5
+SPEC = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
+EXACT_DTYPES = ["float32"] + ([] if cpu_has_native_bf16() else ["bfloat16"])
 TOPICS = ["the moon", "bread", "rivers", "chess", "volcanoes", "bees", "trains", "music", "glaciers", "paper"]
-SPEC = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
+# Prompts whose answers copy text from the prompt: long n-gram drafts that get accepted.
+COPYING = [
+    "Repeat this sentence three times, one per line: The quick brown fox jumps over the lazy dog near the river.",
+    "Copy this list exactly, then sort it: apples, pears, plums, figs, dates, limes, grapes, cherries.",
+    "Rewrite this code with the variable `total` renamed to `balance`:\n\n"
+    "def add(items):\n    total = 0\n    for item in items:\n        total += item\n    return total\n",
+    "Quote this line twice: 'To be, or not to be, that is the question.' Then explain it in one sentence.",
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_greedy_speculation_is_token_identical_on_smollm2(smollm2_gguf, dtype):
-    convs = [[{"role": "user", "content": f"Tell me about {TOPICS[i % 10]} and repeat the key facts {i}."}]
-             for i in range(50)]
-    params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+def chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def token_ids(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def per_position(llm: LLM) -> list[int]:
+    m = {x.name: x for x in llm.get_metrics()}
+    return list(m["quickdraft:spec_decode_num_accepted_tokens_per_pos"].values)
+
+
+@pytest.fixture(scope="module", params=EXACT_DTYPES)
+def engines(request, smollm2_gguf):
+    """(dtype, plain LLM, LLM with n-gram speculation) for each exact dtype."""
+    dtype = request.param
     plain = LLM(str(smollm2_gguf), dtype=dtype, device="cpu", max_model_len=1024)
-    expected = [o.outputs[0].token_ids for o in plain.chat(convs, params, use_tqdm=False)]
-    del plain
     spec = LLM(str(smollm2_gguf), dtype=dtype, device="cpu", max_model_len=1024, speculative_config=SPEC)
+    yield dtype, plain, spec
+
+
+def test_greedy_one_request_at_a_time_with_full_length_drafts(engines):
+    _, plain, spec = engines
+    before = per_position(spec)
+    for text in COPYING:
+        want = plain.chat(chat(text), GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+        got = spec.chat(chat(text), GREEDY, use_tqdm=False)[0]
+        assert got.outputs[0].token_ids == want
+        assert got.metrics.num_draft_tokens > 0 and got.metrics.num_accepted_tokens > 0
+    after = per_position(spec)
+    assert after[K - 1] > before[K - 1]  # drafts of k = 5 tokens were accepted whole
+
+
+def test_greedy_small_batch_with_full_length_drafts(engines):
+    _, plain, spec = engines
+    convs = [chat(t) for t in COPYING] + [chat(f"Tell me about {t} and repeat the key facts.") for t in TOPICS[:2]]
+    before = per_position(spec)
+    want = token_ids(plain.chat(convs, GREEDY, use_tqdm=False))
+    assert token_ids(spec.chat(convs, GREEDY, use_tqdm=False)) == want
+    assert per_position(spec)[K - 1] > before[K - 1]
+
+
+def test_greedy_50_prompts_at_once(engines):
+    dtype, plain, spec = engines
+    convs = [chat(f"Tell me about {TOPICS[i % 10]} and repeat the key facts {i}.") for i in range(50)]
+    # bfloat16 runs on torch's kernels, ~5x slower at this batch size: fewer tokens keep it in budget
+    params = SamplingParams(temperature=0, max_tokens=128 if dtype == "float32" else 64, ignore_eos=True)
+    want = token_ids(plain.chat(convs, params, use_tqdm=False))
     outs = spec.chat(convs, params, use_tqdm=False)
     assert sum(o.metrics.num_draft_tokens for o in outs) > 0
     assert sum(o.metrics.num_accepted_tokens for o in outs) > 0
-    mismatches = [i for i, (o, e) in enumerate(zip(outs, expected)) if o.outputs[0].token_ids != e]
+    mismatches = [i for i, (o, w) in enumerate(zip(outs, want)) if o.outputs[0].token_ids != w]
     assert mismatches == []
+
+
+@pytest.mark.parametrize("engines", ["float32"], indirect=True)
+def test_seeded_sampling_same_text_alone_and_in_a_batch_of_40(engines):
+    """The case of issue 11: seed=1234, T=0.8, n-gram k=5, alone and inside a batch of 40 (where
+    the adaptive policy drafts fewer tokens), with and without speculation (in the default
+    dtype; the tiny models' tests cover chunking and preemption)."""
+    _, plain, spec = engines
+    target = chat(COPYING[1])
+    sp = SamplingParams(temperature=0.8, max_tokens=64, seed=1234, ignore_eos=True)
+    want = plain.chat(target, sp, use_tqdm=False)[0].outputs[0].token_ids
+    alone = spec.chat(target, sp, use_tqdm=False)[0]
+    assert alone.outputs[0].token_ids == want and alone.metrics.num_accepted_tokens > 0
+    others = [chat(f"Tell me about {TOPICS[i % 10]} and repeat the key facts {i}.") for i in range(39)]
+    params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=64, seed=i, ignore_eos=True) for i in range(39)]
+    batch = spec.chat(others[:20] + [target] + others[20:], params[:20] + [sp] + params[20:], use_tqdm=False)
+    assert batch[20].outputs[0].token_ids == want
+    assert batch[20].metrics.num_draft_tokens != alone.metrics.num_draft_tokens  # other drafts, same text
+    plain_batch = plain.chat(others, params, use_tqdm=False)
+    assert token_ids(batch[:20] + batch[21:]) == token_ids(plain_batch)
+
+
+def test_bfloat16_speculation_warns_where_it_is_not_exact(smollm2_gguf, monkeypatch, caplog):
+    """On CPUs with AVX512-BF16/AMX torch's bf16 kernels broke greedy identity (issue 11), so
+    choosing bfloat16 with speculation there logs a warning; auto picks float32 on every CPU."""
+    import quickdraft.llm
+
+    monkeypatch.setattr(quickdraft.llm, "cpu_has_native_bf16", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="quickdraft"):
+        LLM(str(smollm2_gguf), dtype="bfloat16", device="cpu", max_model_len=256, speculative_config=SPEC)
+    assert "may differ from plain decoding" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="quickdraft"):
+        auto = LLM(str(smollm2_gguf), device="cpu", max_model_len=256, speculative_config=SPEC)
+    assert str(auto.config.dtype) == "torch.float32" and "may differ" not in caplog.text

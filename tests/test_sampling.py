@@ -29,7 +29,7 @@ EOS_IDS = {0, 2}  # tiny checkpoints: generation_config eos_token_id [2, 0]
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def metadata(n: int, temperature: float = 1.0, **kw) -> SamplingMetadata:
+def metadata(n: int, temperature: float = 1.0, **kw) -> SamplingMetadata:  # noqa: D103
     greedy = temperature == 0.0
     return SamplingMetadata(temperature=torch.full((n,), temperature if not greedy else 1.0),
                             greedy=torch.full((n,), greedy), all_greedy=greedy, **kw)
@@ -419,6 +419,19 @@ def test_min_tokens_delays_stop_token_ids(tiny_llm, hf):
     (dict(stop=[""]), "stop cannot contain an empty string."),
     (dict(n=2, temperature=0), "n must be 1 when using greedy sampling, got 2"),
     (dict(max_tokens=0), "max_tokens must be at least 1, got 0"),
+    (dict(seed=2**70), "seed must be an integer in [0, 2**64 - 1], got 1180591620717411303424"),
+    (dict(seed=-1), "seed must be an integer in [0, 2**64 - 1], got -1"),
+    (dict(temperature=3.5e38), "temperature must be at most 10000, got 3.5e+38"),
+    (dict(temperature=math.inf), "temperature must be at most 10000, got inf"),
+    (dict(temperature=math.nan), "temperature must be non-negative, got nan"),
+    (dict(repetition_penalty=math.inf), "repetition_penalty must be a finite number greater than zero, got inf"),
+    (dict(logit_bias={5: 101.0}), "logit_bias values must be numbers in [-100, 100], got 101.0 for token 5"),
+    (dict(logit_bias={"x": 1.0}), "logit_bias keys must be token ids, got 'x'"),
+    (dict(logit_bias={-3: 1.0}), "logit_bias token ids must be non-negative, got -3"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids must not be empty"),
+    (dict(allowed_token_ids=[3, -1]), "allowed_token_ids must be non-negative integers, got -1"),
+    (dict(bad_words=["ok", "  "]), "bad_words must be non-empty strings, got '  '"),
+    (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens must be >= 1, got 0"),
 ])
 def test_bad_values_raise_with_the_brief_message(kw, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -427,6 +440,9 @@ def test_bad_values_raise_with_the_brief_message(kw, message):
 
 def test_valid_edge_values_are_accepted():
     assert SamplingParams(top_k=-1).top_k == 0
+    assert SamplingParams(seed=2**64 - 1, temperature=1e4).seed == 2**64 - 1
+    assert SamplingParams(logit_bias={"12": -100, 7: 100.0}).logit_bias == {12: -100, 7: 100.0}  # JSON keys too
+    assert SamplingParams(bad_words="fox").bad_words == ["fox"]
     SamplingParams(top_p=1.0, top_k=1, temperature=0, min_tokens=16, max_tokens=16, n=1)
     assert SamplingParams(stop="ab").stop == ["ab"]
 
@@ -449,6 +465,11 @@ def test_a_bad_request_in_a_list_runs_nothing(tiny_llm):
     for prompts in bad_inputs:
         with pytest.raises(ValueError):
             tiny_llm.generate(prompts, sp, use_tqdm=False)
+    # token ids in the params outside the vocabulary, in the last request of a list
+    for bad in (SamplingParams(max_tokens=4, allowed_token_ids=[5, 384]), SamplingParams(logit_bias={10**6: 1.0})):
+        with pytest.raises(ValueError, match=r"Request 2 of 3 is invalid \(nothing was run\): .*out-of-vocabulary "
+                                             r"token id (384|1000000) \(vocab size 384\)"):
+            tiny_llm.generate([good, good, good], [sp, sp, bad], use_tqdm=False)
     with pytest.raises(ValueError):  # wrong number of sampling params
         tiny_llm.generate([good, good], [sp, sp, sp], use_tqdm=False)
     # nothing was queued, prefilled or generated for the good requests
@@ -457,3 +478,116 @@ def test_a_bad_request_in_a_list_runs_nothing(tiny_llm):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     after = tiny_llm.generate([good, good], sp, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in after] == [before, before]
+
+
+# ---- logit_bias, allowed_token_ids, bad_words, truncate_prompt_tokens -----------------------------
+
+def test_bans_and_bias_come_before_penalties_and_temperature():
+    """vLLM's order on hand-made logits: allowed_token_ids, bans, logit_bias, then penalties,
+    then temperature (and the law is the softmax of that)."""
+    logits = torch.tensor([[2.0, 1.0, -1.0, 0.5, 3.0, 0.0]])
+    md = metadata(1, temperature=2.0, allowed_mask=torch.tensor([[True, True, True, True, False, True]]),
+                  banned_tokens=[[3]], logit_bias=(torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([2.5, 2.0])),
+                  repetition_penalty=torch.tensor([2.0]), output_counts=torch.zeros(1, 6),
+                  prompt_mask=torch.tensor([[False, True, True, False, False, False]]))
+    inf = math.inf
+    # token 4 not allowed, 3 banned; bias: 1 -> 3.5, 2 -> 1.0; repetition on 1, 2 (positive: / 2)
+    expected = torch.tensor([[2.0, 1.75, 0.5, -inf, -inf, 0.0]]) / 2.0
+    assert torch.equal(process_logits(logits, md), expected)
+    law = torch.tensor(softmax(expected[0].tolist()))
+    n = powered_n(law)
+    tokens = sample(logits.expand(n, 6).clone(), metadata(n, temperature=2.0, allowed_mask=md.allowed_mask.expand(n, 6),
+                                                         banned_tokens=[[3]] * n,
+                                                         logit_bias=(torch.arange(n).repeat_interleave(2),
+                                                                     torch.tensor([1, 2] * n), torch.tensor([2.5, 2.0] * n)),
+                                                         repetition_penalty=torch.full((n,), 2.0),
+                                                         output_counts=torch.zeros(n, 6),
+                                                         prompt_mask=md.prompt_mask.expand(n, 6)),
+                    exp_noise(n, 6, 21))
+    assert chi_square_pvalue(torch.bincount(tokens, minlength=6), law) > ALPHA
+
+
+def reference_greedy_with(model, prompt: list[int], max_tokens: int, transform) -> list[int]:
+    """Greedy decoding on transformers' logits after transform(logits, output_so_far)."""
+    out: list[int] = []
+    while len(out) < max_tokens:
+        logits = transform(hf_last_logits(model, prompt + out), out)
+        top2 = logits.topk(2)
+        assert top2.values[0] - top2.values[1] > 1e-4, "near tie: pick another prompt"
+        out.append(int(top2.indices[0]))
+    return out
+
+
+def test_logit_bias_and_allowed_token_ids_end_to_end(tiny_llm, hf):
+    plain = tiny_llm.generate({"prompt_token_ids": FIB}, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                              use_tqdm=False)[0].outputs[0].token_ids
+    bias = {plain[3]: -4.0, 100: 3.0, 37: 2.5}
+
+    def biased(logits, out):
+        logits = logits.clone()
+        for t, b in bias.items():
+            logits[t] += b
+        return logits
+
+    got = tiny_llm.generate({"prompt_token_ids": FIB}, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                                       logit_bias=bias), use_tqdm=False)[0]
+    assert got.outputs[0].token_ids == reference_greedy_with(hf, FIB, 16, biased) != plain
+    allowed = sorted(set(range(3, 384, 3)) - set(plain[:4]))
+
+    def only_allowed(logits, out):
+        masked = torch.full_like(logits, -math.inf)
+        masked[allowed] = logits[allowed]
+        return masked
+
+    got = tiny_llm.generate({"prompt_token_ids": FIB}, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                                       allowed_token_ids=allowed), use_tqdm=False)[0]
+    assert got.outputs[0].token_ids == reference_greedy_with(hf, FIB, 16, only_allowed)
+    sampled = tiny_llm.generate({"prompt_token_ids": FIB}, SamplingParams(n=50, temperature=1.5, max_tokens=8, seed=3,
+                                                                           allowed_token_ids=allowed), use_tqdm=False)[0]
+    assert all(t in allowed for c in sampled.outputs for t in c.token_ids)
+
+
+def test_bad_words_are_never_generated(tiny_llm, hf):
+    """A two-token word of the plain greedy output is banned: vLLM's rule, written out here,
+    bans the word's last token wherever the output ends with the rest of it (both the word as
+    it reads at the start of a text and after a space)."""
+    tok = tiny_llm.get_tokenizer()
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = tiny_llm.generate({"prompt_token_ids": FIB}, sp, use_tqdm=False)[0].outputs[0]
+    ids = plain.token_ids
+    word = next(text for i in range(len(ids) - 1) for text in [tok.decode(ids[i:i + 2])]
+                if text.strip() == text and text and tok.encode(text, add_special_tokens=False) == ids[i:i + 2])
+    sequences = [tok.encode(word, add_special_tokens=False)]
+    spaced = tok.encode(" " + word, add_special_tokens=False)
+    if spaced[0] != sequences[0][0] and len(spaced) == len(sequences[0]):
+        sequences.append(spaced)
+
+    def banned(logits, out):
+        logits = logits.clone()
+        for seq in sequences:
+            if len(seq) == 1 or out[len(out) - len(seq) + 1:] == seq[:-1] and len(out) >= len(seq) - 1:
+                logits[seq[-1]] = -math.inf
+        return logits
+
+    got = tiny_llm.generate({"prompt_token_ids": FIB}, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                                       bad_words=[word]), use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == reference_greedy_with(hf, FIB, 24, banned)
+    assert got.token_ids != plain.token_ids
+    for seq in sequences:
+        ids = got.token_ids
+        assert not any(ids[i:i + len(seq)] == seq for i in range(len(ids)))
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(tiny_llm):
+    long_prompt = list(range(40, 90))
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, prompt_logprobs=1)
+    got = tiny_llm.generate({"prompt_token_ids": long_prompt}, SamplingParams(
+        temperature=0, max_tokens=10, ignore_eos=True, prompt_logprobs=1, truncate_prompt_tokens=12), use_tqdm=False)[0]
+    want = tiny_llm.generate({"prompt_token_ids": long_prompt[-12:]}, sp, use_tqdm=False)[0]
+    assert got.prompt_token_ids == long_prompt[-12:] and got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert len(got.prompt_logprobs) == 12
+    # a prompt longer than the context is fine once truncated
+    too_long = list(range(3, 300))
+    out = tiny_llm.generate({"prompt_token_ids": too_long}, SamplingParams(temperature=0, max_tokens=4,
+                                                                          truncate_prompt_tokens=100), use_tqdm=False)[0]
+    assert out.prompt_token_ids == too_long[-100:] and len(out.outputs[0].token_ids) == 4

@@ -374,6 +374,15 @@ BAD_REQUESTS = [
      "maximum context length"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "only 'text'"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias values must be numbers in [-100, 100]"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"five": 1}}, 400, "logit_bias keys must be token ids"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400, "logit_bias contains out-of-vocabulary"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": [5, 384]}, 400, "allowed_token_ids contains out-of-voc"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids must not be empty"),
+    ("/v1/completions", {"prompt": "x", "temperature": 3.5e38}, 400, "temperature must be at most 10000"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "bad_words": [""]}, 400,
+     "bad_words must be non-empty strings"),
+    ("/v1/completions", {"prompt": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens must be >= 1"),
     ("/detokenize", {"tokens": [-1]}, 400, "out of vocabulary"),
     ("/tokenize", {"nothing": 1}, 400, "Invalid request"),
 ]
@@ -404,6 +413,30 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_working(server, cli
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     assert client.completions.create(**kw).choices[0].text == exp
     assert wait_until(server.kv_free)
+
+
+def test_logit_bias_and_vllm_token_options_equal_offline(client, tiny_llm):
+    """OpenAI's logit_bias (string token ids) and vLLM's allowed_token_ids, bad_words and
+    truncate_prompt_tokens give what the offline API gives with the same SamplingParams."""
+    tok = tiny_llm.get_tokenizer()
+    ids = tok.encode(PROMPTS[0])
+    allowed = list(range(3, 384, 2))
+    cases = [({"logit_bias": {"100": 100}}, dict(logit_bias={100: 100.0})),
+             ({"logit_bias": {str(t): -100 for t in range(0, 200)}}, dict(logit_bias={t: -100.0 for t in range(200)})),
+             ({"allowed_token_ids": allowed}, dict(allowed_token_ids=allowed)),
+             ({"bad_words": ["fox", "def"]}, dict(bad_words=["fox", "def"]))]
+    for extra, kw in cases:
+        r = client.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True, **extra})
+        want = tiny_llm.generate({"prompt_token_ids": ids}, greedy(12, **kw), use_tqdm=False)[0].outputs[0]
+        assert r.choices[0].text == want.text, extra
+    assert tiny_llm.generate({"prompt_token_ids": ids}, greedy(12, logit_bias={100: 100.0}),
+                             use_tqdm=False)[0].outputs[0].token_ids == [100] * 12
+    long_prompt = list(range(3, 303))  # longer than the context, fine once truncated
+    r = client.completions.create(model=NAME, prompt=long_prompt, max_tokens=8, temperature=0,
+                                  extra_body={"ignore_eos": True, "truncate_prompt_tokens": 50})
+    want = tiny_llm.generate({"prompt_token_ids": long_prompt[-50:]}, greedy(8), use_tqdm=False)[0].outputs[0]
+    assert r.choices[0].text == want.text and r.usage.prompt_tokens == 50
 
 
 # ---- speculation and metrics -------------------------------------------------------------------------

@@ -540,6 +540,31 @@ def test_seeded_sampling_gives_the_same_text_with_and_without_speculation(method
         assert_no_leaks(x)
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_token_options_under_speculation_equal_plain(method, ckpt, plain, perturbed):
+    """bad_words, allowed_token_ids, logit_bias and truncate_prompt_tokens are part of the law
+    the drafts are verified against: greedy and seeded outputs equal plain decoding's."""
+    path = ckpt("mistral")
+    prompts = self_copy_prompts(path, 4, seed=23)
+    tok = plain("mistral").get_tokenizer()
+    base = ids(gen(plain("mistral"), prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)))
+    word = next(text for i in range(len(base[0]) - 1) for text in [tok.decode(base[0][i:i + 2])]
+                if text.strip() == text and text and tok.encode(text, add_special_tokens=False) == base[0][i:i + 2])
+    options = [dict(bad_words=[word]), dict(allowed_token_ids=sorted(set(range(3, 384)) - {base[1][3]})),
+               dict(logit_bias={base[2][4]: -5.0, 17: 1.5}), dict(truncate_prompt_tokens=40)]
+    llm = make_llm(path, spec_for(method, perturbed, 4))
+    for temperature, seed in ((0.0, None), (0.6, 77)):
+        params = [SamplingParams(temperature=temperature, seed=seed, max_tokens=24, ignore_eos=True, **o)
+                  for o in options]
+        want = ids(gen(plain("mistral"), prompts, params))
+        assert ids(gen(llm, prompts, params)) == want
+        if temperature == 0:
+            assert all(w != b for w, b in zip(want[:3], base[:3]))  # the options change the text
+    m = spec_metrics(llm)
+    assert m["drafts"] > 0 and m["accepted"] > 0
+    assert_no_leaks(llm)
+
+
 def test_seeded_sampling_with_the_standard_rejection_sampler_repeats(ckpt, perturbed):
     """The standard sampler's text depends on what was drafted (its law does not): the same seed
     and the same batch give the same text."""
