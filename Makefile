@@ -30,6 +30,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/spec_decode.py
+	$(PY) benchmarks/coupling.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

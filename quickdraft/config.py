@@ -17,15 +17,17 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**1
 
 
 @lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with AMX-BF16 or AVX512-BF16, where torch runs bf16 on its native bf16
-    kernels; greedy speculation in bfloat16 was seen to differ from plain decoding there."""
+def cpu_bf16_batch_invariant() -> bool:
+    """Whether torch's CPU bfloat16 kernels are known batch-invariant here: on x86 CPUs with AVX2
+    and none of AVX-512, AMX or AVX-NE-CONVERT (on those torch takes other bf16 code paths,
+    oneDNN's among them). Greedy speculation in bfloat16 was seen to differ from plain decoding
+    on an AVX512-BF16 CPU, and was verified identical on an AVX2-only one."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    return bool({"amx_bf16", "avx512_bf16"} & flags)
+                    return "avx2" in flags and not {"avx512f", "amx_bf16", "avx_ne_convert"} & flags
     except OSError:
         pass
     return False
@@ -48,8 +50,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     CPU. On CPU, float32 runs the native batch-invariant kernels (kernels/), which keep greedy
     speculation token-identical to plain decoding on every CPU; bfloat16 runs torch's kernels,
     which were slower than those on the CPUs measured (AVX2 and AVX512-BF16 EPYCs) and on an
-    AVX512-BF16 CPU broke that identity (torch's bf16 kernels there are not batch-invariant), so
-    'auto' does not choose it."""
+    AVX512-BF16 CPU broke that identity (see cpu_bf16_batch_invariant), so 'auto' does not
+    choose it."""
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}.")

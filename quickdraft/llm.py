@@ -12,7 +12,7 @@ from typing import Any, Union
 import torch
 from tqdm.auto import tqdm
 
-from quickdraft.config import EngineConfig, cpu_has_native_bf16, parse_memory_size, resolve_device, resolve_dtype
+from quickdraft.config import EngineConfig, cpu_bf16_batch_invariant, parse_memory_size, resolve_device, resolve_dtype
 from quickdraft.engine.llm_engine import LLMEngine
 from quickdraft.engine.model_runner import ModelRunner
 from quickdraft.metrics import Metric, engine_metrics
@@ -91,10 +91,11 @@ class LLM:
                 raise ValueError(f"The draft model's context length {draft_cfg.max_position_embeddings} is "
                                  f"shorter than max_model_len={max_model_len}.")
             draft_dtype = resolve_dtype(spec.draft_dtype or torch_dtype, dev)
-        if spec is not None and dev.type == "cpu" and torch_dtype != torch.float32 and cpu_has_native_bf16():
+        if (spec is not None and dev.type == "cpu" and torch_dtype != torch.float32
+                and not cpu_bf16_batch_invariant()):
             logging.getLogger("quickdraft").warning(
-                "dtype=%s on this CPU (AVX512-BF16/AMX) runs torch's kernels, which are not batch-invariant here: "
-                "greedy output with speculative decoding may differ from plain decoding. dtype='float32' (the "
+                "dtype=%s on this CPU (AVX-512/AMX) runs torch's kernels, which are not known to be batch-invariant "
+                "here: greedy output with speculative decoding may differ from plain decoding. dtype='float32' (the "
                 "default on CPU) keeps it token-identical.", str(torch_dtype).removeprefix("torch."))
         t0 = time.perf_counter()
         loaded = load_model(path, tokenizer=tokenizer, dtype=torch_dtype, device=dev, max_positions=max_model_len,

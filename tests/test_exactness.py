@@ -5,8 +5,8 @@ same text with or without speculation, whatever else is batched.
 Checked one request at a time (drafts of the full k = 5 verified: the last per-position
 acceptance counter is asserted), in small batches, and with 50 prompts at once, in every CPU
 dtype for which the engine claims it: float32 on every CPU (the native kernels), and bfloat16
-where torch's bf16 kernels were found batch-invariant (CPUs without AVX512-BF16/AMX; on those the
-engine warns instead, see test_bfloat16_speculation_warns_where_it_is_not_exact).
+where torch's bf16 kernels were found batch-invariant (AVX2 CPUs without AVX-512/AMX; elsewhere
+the engine warns instead, see test_bfloat16_speculation_warns_where_it_is_not_exact).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import logging
 import pytest
 
 from quickdraft import LLM, SamplingParams
-from quickdraft.config import cpu_has_native_bf16
+from quickdraft.config import cpu_bf16_batch_invariant
 
 K = 5
 SPEC = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
-EXACT_DTYPES = ["float32"] + ([] if cpu_has_native_bf16() else ["bfloat16"])
+EXACT_DTYPES = ["float32"] + (["bfloat16"] if cpu_bf16_batch_invariant() else [])
 TOPICS = ["the moon", "bread", "rivers", "chess", "volcanoes", "bees", "trains", "music", "glaciers", "paper"]
 # Prompts whose answers copy text from the prompt: long n-gram drafts that get accepted.
 COPYING = [
@@ -110,11 +110,12 @@ def test_seeded_sampling_same_text_alone_and_in_a_batch_of_40(engines):
 
 
 def test_bfloat16_speculation_warns_where_it_is_not_exact(smollm2_gguf, monkeypatch, caplog):
-    """On CPUs with AVX512-BF16/AMX torch's bf16 kernels broke greedy identity (issue 11), so
-    choosing bfloat16 with speculation there logs a warning; auto picks float32 on every CPU."""
+    """Where torch's bf16 kernels are not known batch-invariant (AVX-512/AMX CPUs: they broke
+    greedy identity on one, issue 11), choosing bfloat16 with speculation logs a warning; auto
+    picks float32 on every CPU."""
     import quickdraft.llm
 
-    monkeypatch.setattr(quickdraft.llm, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(quickdraft.llm, "cpu_bf16_batch_invariant", lambda: False)
     with caplog.at_level(logging.WARNING, logger="quickdraft"):
         LLM(str(smollm2_gguf), dtype="bfloat16", device="cpu", max_model_len=256, speculative_config=SPEC)
     assert "may differ from plain decoding" in caplog.text

@@ -3,7 +3,7 @@
 
     quickdraft serve [MODEL] [--port 8000] [--speculative-config '{"method": "ngram", ...}']
     quickdraft generate "def fibonacci(n):" [--stream] [--chat] [--temperature 0] [--max-tokens 64]
-    quickdraft bench throughput|spec|serve [ARGS...]
+    quickdraft bench throughput|spec|serve|coupling [ARGS...]
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = {"throughput": "throughput.py", "spec": "spec_decode.py", "serve": "serve_load.py"}
+BENCHMARKS = {"throughput": "throughput.py", "spec": "spec_decode.py", "serve": "serve_load.py",
+              "coupling": "coupling.py"}
 
 
 def _json_dict(value: str) -> dict[str, Any]:
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run a benchmark from benchmarks/",
                            description="Run benchmarks/throughput.py (throughput), benchmarks/spec_decode.py "
-                                       "(spec) or benchmarks/serve_load.py (serve); the remaining arguments go to "
+                                       "(spec), benchmarks/serve_load.py (serve) or benchmarks/coupling.py "
+                                       "(coupling); the remaining arguments go to "
                                        "the benchmark (e.g. `quickdraft bench serve -- --help`).")
     bench.add_argument("name", choices=sorted(BENCHMARKS), metavar="{" + ",".join(BENCHMARKS) + "}")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
