@@ -88,3 +88,11 @@ def samples_for_power(df: int, alpha: float, power: float = MIN_POWER) -> int:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if chi_square_power(mid, df, alpha) < power else (lo, mid)
     return hi
+
+
+def powered_sample_size(law: torch.Tensor, alpha: float) -> int:
+    """Samples for an 80%-power chi-square test of this law at level alpha (its degrees of
+    freedom as chi_square_pvalue will pool them), checked."""
+    n = samples_for_power(chi_square_df(law, 10**5), alpha)
+    assert chi_square_power(n, chi_square_df(law, n), alpha) >= MIN_POWER
+    return n

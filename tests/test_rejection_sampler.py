@@ -20,7 +20,7 @@ import torch
 from quickdraft.sample.noise import ACCEPT, TARGET, NoiseKey, exponential, uniform
 from quickdraft.sample.sampler import SamplingMetadata, sample
 from quickdraft.spec_decode.rejection_sampler import race, rejection_sample
-from stats import chi_square_df, chi_square_power, chi_square_pvalue, samples_for_power
+from stats import chi_square_pvalue, powered_sample_size
 
 P_MIN = 1e-5  # chi-square p-value threshold
 CPU = torch.device("cpu")
@@ -63,13 +63,6 @@ class ArrayNoise:
 
     def uniform(self, i: int, offset: int) -> float:
         return self.u[i][offset]
-
-
-def powered_n(law: torch.Tensor) -> int:
-    """Samples for an 80%-power chi-square test of this law (tests/stats.py), and the check."""
-    n = samples_for_power(chi_square_df(law, 10**5), P_MIN)
-    assert chi_square_power(n, chi_square_df(law, n), P_MIN) >= 0.8
-    return n
 
 
 def binomial_tolerance(prob: float, n: int, sigmas: float = 5.0) -> float:
@@ -139,7 +132,7 @@ def test_all_rejected_sampled_rows_emit_one_recovered_token_from_the_residual():
     V = 8
     p = law(0, 0, 3, 1, 0, 0, 0, 0)  # support {2, 3}
     q = law(1, 1, 0, 0, 0, 0, 0, 0)  # support disjoint from p: every draft is rejected
-    n = powered_n(p)
+    n = powered_sample_size(p, P_MIN)
     res = rejection_sample(p.repeat(n * 3, 1), torch.full((n * 3,), 2),
                            [[0, 1]] * n, [q.repeat(2, 1)] * n, [False] * n, ArrayNoise(n, V, 1))
     assert res.num_accepted == [0] * n
@@ -329,7 +322,7 @@ def _draft_first(kind: str, q1: torch.Tensor, n: int, keyed: ArrayNoise, g: torc
 @pytest.mark.parametrize("kind", KINDS)
 def test_first_token_law_equals_p_and_acceptance_rate_matches_theory(laws, kind):
     p1, q1, P2, _, _ = laws
-    n = powered_n(p1)
+    n = powered_sample_size(p1, P_MIN)
     keyed = ArrayNoise(n, V_LAW, 11)
     x1, draft_probs = _draft_first(kind, q1, n, keyed, gen(7))
     alpha = {"standard": float(torch.minimum(p1, q1).sum()),  # Pr(accept) = sum_x min(p, q)
@@ -371,7 +364,7 @@ def test_joint_law_of_two_positions_equals_the_target_joint_law(laws, kind):
     the position's noise as the next plain step would) must follow p1(y1) P2[y1](y2)."""
     p1, q1, P2, Q2, P3 = laws
     joint = p1.unsqueeze(1) * P2  # [y1, y2]
-    n = powered_n(joint)
+    n = powered_sample_size(joint, P_MIN)
     keyed = ArrayNoise(n, V_LAW, 12)
     g = gen(8)
     if kind == "standard":

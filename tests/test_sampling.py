@@ -18,7 +18,7 @@ from quickdraft import SamplingParams
 from quickdraft.sample.noise import ACCEPT, DRAFT, TARGET, NoiseCache, NoiseKey, exponential, uniform
 from quickdraft.sample.sampler import (SamplingMetadata, apply_min_p, apply_penalties, apply_top_k_top_p,
                                        process_logits, sample, sample_from_probs)
-from stats import chi_square_df, chi_square_power, chi_square_pvalue, samples_for_power
+from stats import chi_square_pvalue, powered_sample_size
 
 ALPHA = 1e-3  # chi-square level of these tests
 CPU = torch.device("cpu")
@@ -44,13 +44,6 @@ def gen(seed: int) -> torch.Generator:
 def exp_noise(n: int, V: int, seed: int) -> torch.Tensor:
     """i.i.d. Exp(1) noise [n, V] (what the engine's per-position noise is, row by row)."""
     return torch.empty(n, V).exponential_(generator=gen(seed))
-
-
-def powered_n(law: torch.Tensor, alpha: float = ALPHA) -> int:
-    """Samples for an 80%-power chi-square test of this law (tests/stats.py), and the check."""
-    n = samples_for_power(chi_square_df(law, 10**5), alpha)
-    assert chi_square_power(n, chi_square_df(law, n), alpha) >= 0.8
-    return n
 
 
 def softmax(x: list[float]) -> list[float]:
@@ -84,7 +77,7 @@ def test_top_k_sampling_never_leaves_the_top_k_set():
     idx = sorted(top5)
     p = torch.zeros(40)
     p[idx] = (row[idx] / 1.5).softmax(-1)
-    n = powered_n(p)
+    n = powered_sample_size(p, ALPHA)
     logits = row.expand(n, 40).clone()
     md = metadata(n, temperature=1.5, top_k=torch.full((n,), 5))
     tokens = sample(logits, md, exp_noise(n, 40, 0))
@@ -140,7 +133,7 @@ def test_min_p_applies_after_temperature():
 def test_temperature_law_chi_square(temperature):
     logits_row = [1.0, 0.2, -0.5, 2.0, 0.0, -3.0, 1.5, 0.7]
     law = torch.tensor(softmax([v / temperature for v in logits_row]))
-    n = powered_n(law)
+    n = powered_sample_size(law, ALPHA)
     logits = torch.tensor(logits_row).expand(n, 8).clone()
     tokens = sample(logits, metadata(n, temperature), exp_noise(n, 8, 1234))
     counts = torch.bincount(tokens, minlength=8)
@@ -207,7 +200,7 @@ def test_penalties_match_vllm_formulas(kw, expected):
 
 def test_exponential_race_law_and_zero_probability_tokens():
     probs_row = torch.tensor([0.3, 0.0, 0.25, 0.001, 0.0, 0.2, 0.149, 0.1])
-    n = powered_n(probs_row)
+    n = powered_sample_size(probs_row, ALPHA)
     probs = probs_row.expand(n, 8).clone()
     tokens = sample_from_probs(probs, exp_noise(n, 8, 7))
     counts = torch.bincount(tokens, minlength=8)
@@ -236,11 +229,27 @@ def test_noise_is_a_function_of_its_key_alone():
     assert uniform(NoiseKey(3, 0, 4, ACCEPT)) == uniform(NoiseKey(3, 0, 4, ACCEPT)) != uniform(NoiseKey(3, 0, 5, ACCEPT))
 
 
+def test_noise_is_numpys_philox_at_the_documented_key_and_counter():
+    """The stream of a key is np.random.Philox(key=seed + 2**64 index, counter=2**64 position
+    + 2**128 stream), whatever was drawn before on the reused bit generator."""
+    import numpy as np
+
+    for key in (NoiseKey(5, 0, 7, TARGET), NoiseKey(2**64 - 1, 3, 2**40, ACCEPT), NoiseKey(0, 0, 0, DRAFT)):
+        ref = np.random.Generator(np.random.Philox(key=key.seed + (key.index << 64),
+                                                   counter=(key.position << 64) + (key.stream << 128)))
+        want = ref.standard_exponential(50, dtype=np.float32)
+        exponential(NoiseKey(1, 1, 1, 1), 13, CPU)  # a partial draw in between
+        assert torch.equal(exponential(key, 50, CPU), torch.from_numpy(np.maximum(want, np.finfo(np.float32).tiny)))
+        ref = np.random.Generator(np.random.Philox(key=key.seed + (key.index << 64),
+                                                   counter=(key.position << 64) + (key.stream << 128)))
+        assert uniform(key) == ref.random()
+
+
 def test_noise_rows_are_exp1_and_uniforms_are_uniform():
     """Binned into 10 equiprobable cells under the claimed law, across keys and within rows."""
     edges = -torch.log1p(-torch.arange(1, 10, dtype=torch.float64) / 10)  # Exp(1) deciles
     cells = torch.full((10,), 0.1, dtype=torch.float64)
-    n = powered_n(cells)
+    n = powered_sample_size(cells, ALPHA)
     per_key = 64
     values = torch.cat([exponential(NoiseKey(9, 0, pos, TARGET), per_key, CPU) for pos in range(n // per_key + 1)])
     counts = torch.bincount(torch.bucketize(values.double()[:n], edges), minlength=10)
@@ -284,7 +293,7 @@ def test_first_token_law_matches_transformers(tiny_llm, hf):
     law = reference_law(hf_last_logits(hf, PROMPT), 0.7, 20, 0.9)
     support = int((law > 0).sum())
     assert 3 <= support < 20  # both top-k and top-p bite on this prompt
-    n = powered_n(law)
+    n = powered_sample_size(law, ALPHA)
     params = [SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_tokens=1, seed=i) for i in range(n)]
     outs = tiny_llm.generate([{"prompt_token_ids": PROMPT}] * n, params, use_tqdm=False)
     tokens = torch.tensor([o.outputs[0].token_ids[0] for o in outs])
@@ -495,7 +504,7 @@ def test_bans_and_bias_come_before_penalties_and_temperature():
     expected = torch.tensor([[2.0, 1.75, 0.5, -inf, -inf, 0.0]]) / 2.0
     assert torch.equal(process_logits(logits, md), expected)
     law = torch.tensor(softmax(expected[0].tolist()))
-    n = powered_n(law)
+    n = powered_sample_size(law, ALPHA)
     tokens = sample(logits.expand(n, 6).clone(), metadata(n, temperature=2.0, allowed_mask=md.allowed_mask.expand(n, 6),
                                                          banned_tokens=[[3]] * n,
                                                          logit_bias=(torch.arange(n).repeat_interleave(2),
