@@ -163,13 +163,13 @@ def detokenize_incrementally(tokenizer: Tokenizer, token_ids: list[int], prefix_
 def encode_bad_words(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:
     """Token sequences that SamplingParams.bad_words forbids (vLLM's meaning): each word as it
     reads at the start of a text, and also with a leading space (a word inside the text) when
-    that gives a different first token and the same number of tokens."""
+    that gives a different first token and the same number of tokens. Words must not be blank
+    (SamplingParams checks)."""
     out: list[list[int]] = []
     for word in words:
         bare = tokenizer.encode(word.lstrip(), add_special_tokens=False)
         spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
-        if bare:
-            out.append(bare)
-        if spaced and (not bare or (spaced[0] != bare[0] and len(spaced) == len(bare))):
+        out.append(bare)
+        if spaced[0] != bare[0] and len(spaced) == len(bare):
             out.append(spaced)
     return out

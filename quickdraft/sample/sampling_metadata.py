@@ -62,18 +62,14 @@ def build_sampling_metadata(seqs: Seq[Sequence], eos_token_ids: frozenset[int], 
     if any(banned):
         md.banned_tokens = banned
     if any(p.allowed_token_ids is not None for p in params):
-        allowed = torch.ones(len(seqs), vocab_size, dtype=torch.bool, device=device)
-        for i, p in enumerate(params):
-            if p.allowed_token_ids is not None:
-                allowed[i] = False
-                allowed[i, torch.tensor(p.allowed_token_ids, dtype=torch.int64, device=device)] = True
+        restricted = torch.tensor([p.allowed_token_ids is not None for p in params], device=device)
+        allowed = ~restricted.unsqueeze(1).expand(len(seqs), vocab_size).clone()  # [N, V]
+        allowed[_flat_index([p.allowed_token_ids or [] for p in params], device)] = True
         md.allowed_mask = allowed
     if any(p.logit_bias for p in params):
-        rows = [i for i, p in enumerate(params) for _ in (p.logit_bias or {})]
-        cols = [t for p in params for t in (p.logit_bias or {})]
-        values = [v for p in params for v in (p.logit_bias or {}).values()]
-        md.logit_bias = (torch.tensor(rows, dtype=torch.int64, device=device),
-                         torch.tensor(cols, dtype=torch.int64, device=device), torch.tensor(values, **f32))
+        biases = [p.logit_bias or {} for p in params]
+        values = torch.tensor([v for b in biases for v in b.values()], **f32)
+        md.logit_bias = (*_flat_index([list(b) for b in biases], device), values)
     return md
 
 
