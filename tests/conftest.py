@@ -81,4 +81,15 @@ def smollm2_gguf() -> Path:
 def smollm2_llm(smollm2_gguf):
     from quickdraft import LLM
 
-    return LLM(str(smollm2_gguf), dtype="float32", device="cpu", max_model_len=2048)
+    # Dequantized to float32: the path that transformers (also dequantizing) is an oracle for.
+    return LLM(str(smollm2_gguf), dtype="float32", device="cpu", max_model_len=2048, quantization=None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_quantized(smollm2_gguf):
+    """The default path: the GGUF's blocks as stored, on the native integer kernels."""
+    from quickdraft import LLM
+
+    llm = LLM(str(smollm2_gguf), device="cpu", max_model_len=2048)
+    assert llm.config.quantization == "gguf"
+    return llm

@@ -3,10 +3,12 @@ with n-gram drafts is token-identical to plain decoding, and a seeded sampled re
 same text with or without speculation, whatever else is batched.
 
 Checked one request at a time (drafts of the full k = 5 verified: the last per-position
-acceptance counter is asserted), in small batches, and with 50 prompts at once, in every CPU
-dtype for which the engine claims it: float32 on every CPU (the native kernels), and bfloat16
+acceptance counter is asserted), in small batches, and with 50 prompts at once, on every CPU path
+for which the engine claims it: the default (the GGUF's blocks as stored, on the integer kernels
+of the instruction set the CPU has), float32 dequantized (the native float kernels), and bfloat16
 where torch's bf16 kernels were found batch-invariant (AVX2 CPUs without AVX-512/AMX; elsewhere
-the engine warns instead, see test_bfloat16_speculation_warns_where_it_is_not_exact).
+the engine warns instead, see test_bfloat16_speculation_warns_where_it_is_not_exact). A draft
+model is checked in the default path too.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from quickdraft.config import cpu_bf16_batch_invariant
 
 K = 5
 SPEC = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
-EXACT_DTYPES = ["float32"] + (["bfloat16"] if cpu_bf16_batch_invariant() else [])
+# (dtype, quantization): the default path (GGUF blocks as stored), then the dequantized ones.
+EXACT_PATHS = [("float32", "auto"), ("float32", None)] + ([("bfloat16", None)] if cpu_bf16_batch_invariant() else [])
 TOPICS = ["the moon", "bread", "rivers", "chess", "volcanoes", "bees", "trains", "music", "glaciers", "paper"]
 # Prompts whose answers copy text from the prompt: long n-gram drafts that get accepted.
 COPYING = [
@@ -46,12 +49,14 @@ def per_position(llm: LLM) -> list[int]:
     return list(m["quickdraft:spec_decode_num_accepted_tokens_per_pos"].values)
 
 
-@pytest.fixture(scope="module", params=EXACT_DTYPES)
+@pytest.fixture(scope="module", params=EXACT_PATHS, ids=lambda p: f"{p[0]}-{p[1] or 'dequantized'}")
 def engines(request, smollm2_gguf):
-    """(dtype, plain LLM, LLM with n-gram speculation) for each exact dtype."""
-    dtype = request.param
-    plain = LLM(str(smollm2_gguf), dtype=dtype, device="cpu", max_model_len=1024)
-    spec = LLM(str(smollm2_gguf), dtype=dtype, device="cpu", max_model_len=1024, speculative_config=SPEC)
+    """(dtype, plain LLM, LLM with n-gram speculation) for each exact path."""
+    dtype, quantization = request.param
+    plain = LLM(str(smollm2_gguf), dtype=dtype, device="cpu", max_model_len=1024, quantization=quantization)
+    spec = LLM(str(smollm2_gguf), dtype=dtype, device="cpu", max_model_len=1024, speculative_config=SPEC,
+               quantization=quantization)
+    assert plain.config.quantization == ("gguf" if quantization == "auto" else None) == spec.config.quantization
     yield dtype, plain, spec
 
 
@@ -89,7 +94,7 @@ def test_greedy_50_prompts_at_once(engines):
     assert mismatches == []
 
 
-@pytest.mark.parametrize("engines", ["float32"], indirect=True)
+@pytest.mark.parametrize("engines", EXACT_PATHS[:2], indirect=True, ids=["float32-auto", "float32-dequantized"])
 def test_seeded_sampling_same_text_alone_and_in_a_batch_of_40(engines):
     """The case of issue 11: seed=1234, T=0.8, n-gram k=5, alone and inside a batch of 40 (where
     the adaptive policy drafts fewer tokens), with and without speculation (in the default
@@ -107,6 +112,29 @@ def test_seeded_sampling_same_text_alone_and_in_a_batch_of_40(engines):
     assert batch[20].metrics.num_draft_tokens != alone.metrics.num_draft_tokens  # other drafts, same text
     plain_batch = plain.chat(others, params, use_tqdm=False)
     assert token_ids(batch[:20] + batch[21:]) == token_ids(plain_batch)
+
+
+def test_draft_model_greedy_and_seeded_equal_plain_in_the_default_path(smollm2_gguf):
+    """The default (quantized) target with a draft model: the same GGUF dequantized to float32,
+    close to the target but not equal, so drafts are accepted often and rejected sometimes.
+    Greedy over 50 prompts x 128 tokens, and seeded sampling, equal plain decoding."""
+    k = 4
+    plain = LLM(str(smollm2_gguf), device="cpu", max_model_len=1024)
+    spec = LLM(str(smollm2_gguf), device="cpu", max_model_len=1024,
+               speculative_config={"model": str(smollm2_gguf), "num_speculative_tokens": k, "quantization": None})
+    assert spec.config.quantization == "gguf"
+    assert spec.engine.proposer.runner.model.layers[0].qkv_proj.kernel == "native-f32"
+    convs = [chat(f"Tell me about {TOPICS[i % 10]} and repeat the key facts {i}.") for i in range(50)]
+    params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+    before = per_position(spec)
+    outs = spec.chat(convs, params, use_tqdm=False)
+    assert token_ids(outs) == token_ids(plain.chat(convs, params, use_tqdm=False))
+    drafted = sum(o.metrics.num_draft_tokens for o in outs)
+    accepted = sum(o.metrics.num_accepted_tokens for o in outs)
+    assert 0 < accepted < drafted and per_position(spec)[k - 1] > before[k - 1]
+    sampled = [SamplingParams(temperature=0.8, top_p=0.95, max_tokens=48, seed=i, ignore_eos=True) for i in range(8)]
+    assert token_ids(spec.chat(convs[:8], sampled, use_tqdm=False)) == token_ids(plain.chat(convs[:8], sampled,
+                                                                                             use_tqdm=False))
 
 
 def test_bfloat16_speculation_warns_where_it_is_not_exact(smollm2_gguf, monkeypatch, caplog):

@@ -215,9 +215,15 @@ def _write_gguf(path: Path, arch: str, kv: dict, tensors: dict[str, tuple[np.nda
     w.close()
 
 
+TINY_QTYPES = {"token_embd": QT.Q8_0, "attn_q": QT.F16, "attn_k": QT.BF16, "attn_v": QT.Q4_0,
+               "attn_output": QT.Q5_1, "ffn_gate": QT.Q4_1, "ffn_up": QT.Q8_0, "ffn_down": QT.Q6_K, "output": QT.Q8_0}
+
+
 def _tiny_model(tmp_path: Path, arch: str, *, bias=False, qk_norm=False, tied=True, head_dim=32,
-                extra_kv=None, extra_tensors=None):
-    """A 2-layer model with weights in several storage types; returns (path, expected HF tensors)."""
+                extra_kv=None, extra_tensors=None, qtypes=None):
+    """A 2-layer model with weights in several storage types (TINY_QTYPES, updated by
+    ``qtypes``); returns (path, expected HF tensors)."""
+    qt = {**TINY_QTYPES, **(qtypes or {})}
     rng = np.random.default_rng(7)
     hidden, n_head, n_kv, ffn, vocab = 64, 4, 2, 256, 96
     kv = {
@@ -256,14 +262,14 @@ def _tiny_model(tmp_path: Path, arch: str, *, bias=False, qk_norm=False, tied=Tr
         tensors[gguf_name] = (stored, qtype if stored.dtype == np.uint8 else None)
         expected[hf_name] = np.asarray(value, dtype=np.float32)
 
-    add("token_embd.weight", "model.embed_tokens.weight", (vocab, hidden), QT.Q8_0)
+    add("token_embd.weight", "model.embed_tokens.weight", (vocab, hidden), qt["token_embd"])
     for i in range(2):
         p, b = f"model.layers.{i}.", f"blk.{i}."
         add(b + "attn_norm.weight", p + "input_layernorm.weight", (hidden,), None)
-        add(b + "attn_q.weight", p + "self_attn.q_proj.weight", (n_head * head_dim, hidden), QT.F16, n_head)
-        add(b + "attn_k.weight", p + "self_attn.k_proj.weight", (n_kv * head_dim, hidden), QT.BF16, n_kv)
-        add(b + "attn_v.weight", p + "self_attn.v_proj.weight", (n_kv * head_dim, hidden), QT.Q4_0)
-        add(b + "attn_output.weight", p + "self_attn.o_proj.weight", (hidden, n_head * head_dim), QT.Q5_1)
+        add(b + "attn_q.weight", p + "self_attn.q_proj.weight", (n_head * head_dim, hidden), qt["attn_q"], n_head)
+        add(b + "attn_k.weight", p + "self_attn.k_proj.weight", (n_kv * head_dim, hidden), qt["attn_k"], n_kv)
+        add(b + "attn_v.weight", p + "self_attn.v_proj.weight", (n_kv * head_dim, hidden), qt["attn_v"])
+        add(b + "attn_output.weight", p + "self_attn.o_proj.weight", (hidden, n_head * head_dim), qt["attn_output"])
         if bias:
             add(b + "attn_q.bias", p + "self_attn.q_proj.bias", (n_head * head_dim,), None, n_head)
             add(b + "attn_k.bias", p + "self_attn.k_proj.bias", (n_kv * head_dim,), None, n_kv)
@@ -272,12 +278,12 @@ def _tiny_model(tmp_path: Path, arch: str, *, bias=False, qk_norm=False, tied=Tr
             add(b + "attn_q_norm.weight", p + "self_attn.q_norm.weight", (head_dim,), None)
             add(b + "attn_k_norm.weight", p + "self_attn.k_norm.weight", (head_dim,), None)
         add(b + "ffn_norm.weight", p + "post_attention_layernorm.weight", (hidden,), None)
-        add(b + "ffn_gate.weight", p + "mlp.gate_proj.weight", (ffn, hidden), QT.Q4_1)
-        add(b + "ffn_up.weight", p + "mlp.up_proj.weight", (ffn, hidden), QT.Q8_0)
-        add(b + "ffn_down.weight", p + "mlp.down_proj.weight", (hidden, ffn), QT.Q6_K)
+        add(b + "ffn_gate.weight", p + "mlp.gate_proj.weight", (ffn, hidden), qt["ffn_gate"])
+        add(b + "ffn_up.weight", p + "mlp.up_proj.weight", (ffn, hidden), qt["ffn_up"])
+        add(b + "ffn_down.weight", p + "mlp.down_proj.weight", (hidden, ffn), qt["ffn_down"])
     add("output_norm.weight", "model.norm.weight", (hidden,), None)
     if not tied:
-        add("output.weight", "lm_head.weight", (vocab, hidden), QT.Q8_0)
+        add("output.weight", "lm_head.weight", (vocab, hidden), qt["output"])
     for name, array in (extra_tensors or {}).items():
         tensors[name] = (array, None)
     path = tmp_path / f"tiny-{arch}.gguf"
@@ -313,6 +319,23 @@ def test_tiny_models(tmp_path, arch, options, hf_arch):
         assert t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous(), name
         assert tuple(t.shape) == value.shape, name
         np.testing.assert_array_equal(_bits(t), _bits(value), err_msg=name)
+
+
+def test_blocks_kept_quantized_give_the_same_values(tmp_path):
+    """iter_gguf_tensors(keep_quantized=True): quantized 2-D tensors come as QuantizedWeight
+    (llama.cpp-permuted Q/K rows restored), the rest as float32, all equal to the dequantized
+    values bit for bit."""
+    from quickdraft.layers.quantization import QuantizedWeight
+
+    qtypes = {"attn_q": QT.Q4_0, "attn_k": QT.Q8_0}
+    path, expected = _tiny_model(tmp_path, "llama", bias=True, qtypes=qtypes)
+    got = dict(gl.iter_gguf_tensors(path, keep_quantized=True))
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        t = got[name]
+        quantized = isinstance(t, QuantizedWeight)
+        assert quantized == (value.ndim == 2), name  # every matrix here has a quantized block type
+        np.testing.assert_array_equal(_bits(t.dequantize() if quantized else t), _bits(value), err_msg=name)
 
 
 def test_llama_qk_rows_restored_from_permuted_file(tmp_path):

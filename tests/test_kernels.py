@@ -202,3 +202,18 @@ def test_build_falls_back_cleanly_when_compiling_fails(tmp_path, monkeypatch, ca
         assert kernels._build() is None
     assert "Could not compile the native kernels" in caplog.text
     assert not list((tmp_path / "kernels").glob("*.so"))  # no partial library left behind
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_weights_give_the_float32_kernels_bits(dtype):
+    """float16/bfloat16 panels are widened exactly in registers: the same bits as the float32
+    kernel on the widened weight, alone and in every batch size."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 96, generator=g).to(dtype)
+    x = torch.randn(20, 96, generator=g)
+    packed = linear_kernel()(w)
+    want = linear_kernel()(w.float())(x, None)
+    assert packed.packed.dtype == dtype and torch.equal(packed(x, None), want)
+    assert all(torch.equal(packed(x[:m], None), want[:m]) for m in range(1, 21))
+    assert torch.equal(packed.rows(torch.tensor([0, 36, 17])), w.float()[[0, 36, 17]])

@@ -519,9 +519,9 @@ def test_tokenize_detokenize_round_trip(server, tiny_llm):
 
 
 # ---- the real model -----------------------------------------------------------------------------------
-def test_smollm2_chat(smollm2_gguf, smollm2_llm):
+def test_smollm2_chat(smollm2_gguf, smollm2_quantized):
     msgs = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-    exp = smollm2_llm.chat(msgs, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
+    exp = smollm2_quantized.chat(msgs, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
     s = Server(LLM(str(smollm2_gguf), dtype="float32", device="cpu", max_model_len=2048, kv_cache_memory="128MiB",
                    speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}),
                ["smollm2"])

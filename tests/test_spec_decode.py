@@ -377,7 +377,7 @@ def test_smollm2_greedy_with_ngram_speculation_equals_plain(smollm2_gguf, smollm
     convs = [[{"role": "user", "content": c}] for c in SMOL_CHATS]
     sp = SamplingParams(temperature=0, max_tokens=64)
     expected = smollm2_llm.chat(convs, sp, use_tqdm=False)
-    spec = LLM(str(smollm2_gguf), dtype="float32", device="cpu", max_model_len=2048,
+    spec = LLM(str(smollm2_gguf), dtype="float32", device="cpu", max_model_len=2048, quantization=None,
                speculative_config={"method": "ngram", "num_speculative_tokens": 5,
                                    "prompt_lookup_min": 2, "prompt_lookup_max": 5})
     got = spec.chat(convs, sp, use_tqdm=False)

@@ -38,8 +38,10 @@ def _add_engine_args(p: argparse.ArgumentParser, *, seed_help: str | None) -> No
     g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's own)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float", "half",
                                                        "bf16", "fp16", "fp32"],
-                   help="weights and activations dtype (auto: bfloat16 where fast, else float32)")
+                   help="weights and activations dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    g.add_argument("--quantization", "-q", default="auto", choices=["auto", "gguf", "q8_0", "q4_0", "none"],
+                   help="how weights are held (auto: a GGUF file's blocks as stored on CPU; none: dequantized)")
     if seed_help is not None:
         g.add_argument("--seed", type=int, default=0, help=seed_help)
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -56,6 +58,7 @@ def _add_engine_args(p: argparse.ArgumentParser, *, seed_help: str | None) -> No
 def _llm_kwargs(args: argparse.Namespace, model: str | None, *, seed: int = 0,
                 disable_log_stats: bool = True) -> dict[str, Any]:
     return dict(model=model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, seed=seed,
+                quantization=args.quantization,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
                 block_size=args.block_size, speculative_config=args.speculative_config,

@@ -19,15 +19,29 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from quickdraft.layers.quantization import QuantizedWeight
 
 logger = logging.getLogger("quickdraft")
 
 _SOURCE_DIR = Path(__file__).parent
-_SOURCES = ("linear_f32.c", "attention_f32.c", "ops_f32.c", "decoder_f32.c")
-_CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC"]
+# Compilation units: (source, extra flags). The quantized linear is compiled once per integer
+# dot-product instruction set; the VNNI units are optional (an older compiler may lack them) and
+# are used only where the CPU has the instructions (see quant_isas).
+_UNITS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("linear_f32.c", ()), ("linear_f32.c", ("-DQD_W16=1",)), ("linear_f32.c", ("-DQD_W16=2",)),
+    ("attention_f32.c", ()), ("ops_f32.c", ()), ("decoder.c", ()),
+    ("linear_q8.c", ("-DQD_ISA=avx2", "-DQD_QUANTIZE_ROWS")),
+)
+_OPTIONAL_UNITS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("linear_q8.c", ("-DQD_ISA=avxvnni", "-DQD_DOT_VNNI", "-mavxvnni")),
+    ("linear_q8.c", ("-DQD_ISA=avx512vnni", "-DQD_DOT_VNNI512", "-mavx512vnni", "-mavx512vl")),
+)
 
 
 def _cache_dir() -> Path:
@@ -35,41 +49,58 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _cpu_supported() -> bool:
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (empty off x86-64 Linux)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return frozenset()
     try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+        return frozenset(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split(":", 1)[-1].split())
     except (OSError, IndexError):
-        return False
-    return "avx2" in flags and "fma" in flags
+        return frozenset()
+
+
+def _cpu_supported() -> bool:
+    return {"avx2", "fma", "f16c"} <= cpu_flags()
 
 
 def _build() -> Path | None:
     """Compile the C sources into one library in the cache (once per sources and flags)."""
-    sources = [_SOURCE_DIR / name for name in _SOURCES]
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         logger.info("No C compiler found; using torch's CPU kernels.")
         return None
-    headers = sorted(_SOURCE_DIR.glob("*.h"))
-    digest = hashlib.sha256(b"".join(src.read_bytes() for src in [*sources, *headers])
-                            + " ".join([compiler, *_CFLAGS]).encode()).hexdigest()[:16]
+    files = sorted({_SOURCE_DIR / src for src, _ in _UNITS} | set(_SOURCE_DIR.glob("*.h")))
+    units = [*_UNITS, *_OPTIONAL_UNITS]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)
+                            + repr([compiler, _CFLAGS, units]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"quickdraft_cpu-{digest}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Build under a temporary name and rename: concurrent processes never see a partial file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    result = subprocess.run([compiler, *_CFLAGS, *map(str, sources), "-o", tmp, "-lm"], capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        os.unlink(tmp)
-        logger.warning("Could not compile the native kernels (%s); using torch's CPU kernels.",
-                       result.stderr.strip()[-500:])
-        return None
-    os.replace(tmp, target)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmpdir:
+        objects = []
+        for i, (src, flags) in enumerate(units):
+            obj = os.path.join(tmpdir, f"{i}.o")
+            result = subprocess.run([compiler, *_CFLAGS, *flags, "-c", str(_SOURCE_DIR / src), "-o", obj],
+                                    capture_output=True, text=True)
+            if result.returncode == 0:
+                objects.append(obj)
+            elif (src, flags) in _UNITS:
+                logger.warning("Could not compile the native kernels (%s); using torch's CPU kernels.",
+                               result.stderr.strip()[-500:])
+                return None
+            else:
+                logger.info("Optional kernel %s %s not built: %s", src, " ".join(flags), result.stderr.strip()[-200:])
+        # Link under a temporary name and rename: concurrent processes never see a partial file.
+        tmp = os.path.join(tmpdir, "lib.so")
+        result = subprocess.run([compiler, "-shared", "-fopenmp", *objects, "-o", tmp, "-lm"], capture_output=True,
+                                text=True)
+        if result.returncode != 0:
+            logger.warning("Could not link the native kernels (%s); using torch's CPU kernels.",
+                           result.stderr.strip()[-500:])
+            return None
+        os.replace(tmp, target)
     return target
 
 
@@ -87,15 +118,24 @@ def native_library() -> ctypes.CDLL | None:
 
 
 class PackedLinear:
-    """A float32 weight [N, K] repacked for the native kernel of ``linear_f32.c`` (panels of 16
-    output features, [ceil(N / 16), K, 16]), and the batch-invariant product with it."""
+    """A float32, float16 or bfloat16 weight [N, K] repacked for the native kernel of
+    ``linear_f32.c`` (panels of 16 output features, [ceil(N / 16), K, 16], in the weight's dtype;
+    16-bit values are widened exactly in registers), and the batch-invariant product with it."""
+
+    _KERNELS = {torch.float32: "qd_linear_f32", torch.float16: "qd_linear_f16", torch.bfloat16: "qd_linear_bf16"}
 
     def __init__(self, lib: ctypes.CDLL, weight: torch.Tensor) -> None:
-        self._fn = lib.qd_linear_f32
+        self._fn = getattr(lib, self._KERNELS[weight.dtype])
+        self.fn_address = ctypes.cast(self._fn, ctypes.c_void_p).value
         self.out_features, self.in_features = weight.shape
         w = weight.detach().contiguous()
-        self.packed = torch.empty(-(-self.out_features // 16), self.in_features, 16, dtype=torch.float32)
-        lib.qd_pack_f32(w.data_ptr(), self.out_features, self.in_features, self.packed.data_ptr())
+        panels = -(-self.out_features // 16)
+        if w.dtype == torch.float32:
+            self.packed = torch.empty(panels, self.in_features, 16, dtype=torch.float32)
+            lib.qd_pack_f32(w.data_ptr(), self.out_features, self.in_features, self.packed.data_ptr())
+        else:
+            pad = torch.zeros(panels * 16 - self.out_features, self.in_features, dtype=w.dtype)
+            self.packed = torch.cat([w, pad]).view(panels, 16, self.in_features).transpose(1, 2).contiguous()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None,
                  residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,23 +155,120 @@ class PackedLinear:
         return y
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows of the original weight, [len(index), K]: an embedding lookup on a tied matrix."""
-        return self.packed[index // 16, :, index % 16]
+        """Rows of the original weight as float32, [len(index), K]: an embedding lookup on a tied
+        matrix."""
+        return self.packed[index // 16, :, index % 16].float()
 
 
 @lru_cache(maxsize=None)
 def linear_kernel() -> Callable[[torch.Tensor], PackedLinear] | None:
-    """``pack(weight [N, K]) -> PackedLinear`` for the native float32 linear, or None where it is
-    unavailable."""
+    """``pack(weight [N, K]) -> PackedLinear`` for the native float linear (float32, float16 or
+    bfloat16 weights), or None where it is unavailable."""
     lib = native_library()
     if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.qd_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, ctypes.c_int]
-    lib.qd_linear_f32.restype = None
+    for name in PackedLinear._KERNELS.values():
+        getattr(lib, name).argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, ctypes.c_int]
+        getattr(lib, name).restype = None
     lib.qd_pack_f32.argtypes = [ptr, i64, i64, ptr]
     lib.qd_pack_f32.restype = None
     return lambda weight: PackedLinear(lib, weight)
+
+
+# Instruction sets of the quantized linear, fastest first, with the CPU flags each needs.
+_QUANT_ISAS = (("avx512vnni", {"avx512_vnni", "avx512vl"}), ("avxvnni", {"avx_vnni"}), ("avx2", set()))
+
+
+def quant_isas() -> list[str]:
+    """The instruction-set variants of the quantized linear that this CPU can run, fastest first.
+    They give identical bits (integer sums are exact; the float operations are the same)."""
+    lib = native_library()
+    if lib is None:
+        return []
+    return [name for name, needs in _QUANT_ISAS if needs <= cpu_flags() and hasattr(lib, f"qd_linear_q8_{name}")]
+
+
+def default_quant_isa() -> str | None:
+    """The variant 'auto' uses: QUICKDRAFT_QUANT_ISA if set (and available), else the fastest."""
+    isas = quant_isas()
+    forced = os.environ.get("QUICKDRAFT_QUANT_ISA")
+    if forced:
+        if forced not in isas:
+            raise ValueError(f"QUICKDRAFT_QUANT_ISA={forced!r} is not available on this CPU (available: {isas}).")
+        return forced
+    return isas[0] if isas else None
+
+
+class PackedQuantLinear:
+    """A QuantizedWeight [N, K] in the native kernel's panel layout (``linear_q8.c``), and the
+    batch-invariant product with it, on one instruction-set variant."""
+
+    def __init__(self, lib: ctypes.CDLL, weight: "QuantizedWeight", isa: str) -> None:
+        from quickdraft.layers.quantization import kernel_format, pack
+        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        self._fn = getattr(lib, f"qd_linear_q8_{isa}")
+        self._fn.argtypes = [c_int, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, c_int]
+        self._fn.restype = None
+        self.fn_address = ctypes.cast(self._fn, ctypes.c_void_p).value
+        self._quantize = lib.qd_quantize_q8
+        self._quantize.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, c_int]
+        self._quantize.restype = None
+        self._rows = lib.qd_rows_q8
+        self._rows.argtypes = [c_int, ptr, i64, ptr, i64, ptr]
+        self._rows.restype = None
+        self.isa = isa
+        self.out_features, self.in_features = weight.shape
+        self.fmt = kernel_format(weight)
+        self.packed = pack(weight, self.fmt)
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [M, K] float32 (unit stride in rows) -> xq, dx, sx32, sx16 as quantize_activations."""
+        M, K = x.shape
+        xq = torch.empty(M, K, dtype=torch.int8)
+        xd, xs32 = torch.empty(M, K // 32), torch.empty(M, K // 32)
+        xs16 = torch.empty(M, K // 16)
+        self._quantize(x.data_ptr(), M, x.stride(0), K, xq.data_ptr(), xd.data_ptr(), xs32.data_ptr(),
+                       xs16.data_ptr(), torch.get_num_threads())
+        return xq, xd, xs32, xs16
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [M, K] float32 -> x W^T + bias [M, N] (plus ``residual``, written in place)."""
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        M = x.shape[0]
+        xq, xd, xs32, xs16 = self.quantize(x)
+        if residual is not None:
+            assert residual.shape == (M, self.out_features) and residual.stride(-1) == 1
+            y = residual
+        else:
+            y = torch.empty(M, self.out_features, dtype=torch.float32)
+        self._fn(self.fmt, xq.data_ptr(), xd.data_ptr(), xs32.data_ptr(), xs16.data_ptr(), M,
+                 self.packed.data_ptr(), self.out_features, self.in_features,
+                 None if bias is None else bias.data_ptr(), None if residual is None else residual.data_ptr(),
+                 y.stride(0), y.data_ptr(), y.stride(0), torch.get_num_threads())
+        return y
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows of the weight dequantized, [len(index), K] (embedding lookups on a tied head)."""
+        index = index.to(torch.int64).contiguous()
+        out = torch.empty(index.shape[0], self.in_features)
+        self._rows(self.fmt, self.packed.data_ptr(), self.in_features, index.data_ptr(), index.shape[0],
+                   out.data_ptr())
+        return out
+
+
+def quant_linear_kernel(isa: str | None = None) -> Callable[["QuantizedWeight"], PackedQuantLinear] | None:
+    """``pack(weight) -> PackedQuantLinear`` on ``isa`` (default: default_quant_isa()), or None
+    where the native kernels are unavailable."""
+    isa = isa or default_quant_isa()
+    lib = native_library()
+    if lib is None or isa is None:
+        return None
+    if isa not in quant_isas():
+        raise ValueError(f"Quantized kernel variant {isa!r} is not available here (available: {quant_isas()}).")
+    return lambda weight: PackedQuantLinear(lib, weight, isa)
 
 
 PagedAttentionKernel = Callable[..., None]

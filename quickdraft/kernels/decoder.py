@@ -1,4 +1,5 @@
-"""One native call for the whole decoder stack of a step (``decoder_f32.c``), on CPU in float32.
+"""One native call for the whole decoder stack of a step (``decoder.c``), on CPU with float32
+activations and float32 or block-quantized linears.
 
 The per-layer pointers (packed weights, norms, the layer's KV cache) are gathered once; a step
 passes its metadata and scratch buffers. Same kernels, in the same order, as the per-call path.
@@ -21,10 +22,14 @@ _p = ctypes.c_void_p
 _i = ctypes.c_int64
 
 
+class _Lin(ctypes.Structure):
+    _fields_ = [("w", _p), ("bias", _p), ("fn", _p), ("fmt", _i)]
+
+
 class _Layer(ctypes.Structure):
-    _fields_ = [(name, _p) for name in (
-        "input_norm", "post_norm", "q_norm", "k_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up",
-        "gate_up_bias", "down", "down_bias", "k_cache", "v_cache")]
+    _fields_ = [*[(name, _p) for name in ("input_norm", "post_norm", "q_norm", "k_norm")],
+                *[(name, _Lin) for name in ("qkv", "o", "gate_up", "down")],
+                ("k_cache", _p), ("v_cache", _p)]
 
 
 class _Dims(ctypes.Structure):
@@ -36,7 +41,7 @@ class _Step(ctypes.Structure):
     _fields_ = [("T", _i), ("positions", _p), ("slot_mapping", _p), ("query_token", _p), ("query_pos", _p),
                 ("query_seq", _p), ("num_queries", _i), ("block_tables", _p), ("max_blocks", _i),
                 ("max_context", _i), ("cos", _p), ("sin", _p), ("h", _p), ("qkv", _p), ("attn", _p),
-                ("gate_up", _p), ("act", _p)]
+                ("gate_up", _p), ("act", _p), ("xq", _p), ("xd", _p), ("xs32", _p), ("xs16", _p)]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -49,7 +54,7 @@ class NativeDecoder:
     def __init__(self, layers: list[DecoderLayer], hidden: int, intermediate: int, eps: float) -> None:
         lib = native_library()
         assert lib is not None
-        self._fn = lib.qd_decoder_f32
+        self._fn = lib.qd_decoder
         self._fn.argtypes = [_p, ctypes.POINTER(_Layer), _i, ctypes.POINTER(_Dims), ctypes.POINTER(_Step), ctypes.c_int]
         self._fn.restype = None
         self.layers = layers
@@ -70,8 +75,12 @@ class NativeDecoder:
                 entry.q_norm, entry.k_norm = _ptr(layer.q_norm), _ptr(layer.k_norm)
                 for name in ("qkv", "o", "gate_up", "down"):
                     lin = getattr(layer, f"{name}_proj")
-                    setattr(entry, name, lin.native.packed.data_ptr())
-                    setattr(entry, f"{name}_bias", _ptr(lin.bias))
+                    desc = getattr(entry, name)
+                    desc.bias = _ptr(lin.bias)
+                    if lin.native_q is not None:
+                        desc.w, desc.fn, desc.fmt = lin.native_q.packed.data_ptr(), lin.native_q.fn_address, lin.native_q.fmt
+                    else:
+                        desc.w, desc.fn, desc.fmt = lin.native.packed.data_ptr(), lin.native.fn_address, 0
                 entry.k_cache, entry.v_cache = cache[0].data_ptr(), cache[1].data_ptr()
             self._table, self._caches = table, ptrs
         return self._table
@@ -87,13 +96,17 @@ class NativeDecoder:
         attn = torch.empty(T, first.q_size)
         gate_up = torch.empty(T, 2 * self.intermediate)
         act = torch.empty(T, self.intermediate)
+        max_k = max(self.hidden, self.intermediate, first.q_size)
+        xq = torch.empty(T, max_k, dtype=torch.int8)
+        xd, xs32, xs16 = torch.empty(T, max_k // 32), torch.empty(T, max_k // 32), torch.empty(T, max_k // 16)
         self.dims.window, self.dims.block_size = queries.window, queries.block_size
         step = _Step(T=T, positions=positions.data_ptr(), slot_mapping=slot_mapping.data_ptr(),
                      query_token=queries.query_token.data_ptr(), query_pos=queries.query_pos.data_ptr(),
                      query_seq=queries.query_seq.data_ptr(), num_queries=queries.query_token.shape[0],
                      block_tables=queries.block_tables.data_ptr(), max_blocks=queries.block_tables.shape[1],
                      max_context=queries.max_context, cos=cos.data_ptr(), sin=sin.data_ptr(), h=h.data_ptr(),
-                     qkv=qkv.data_ptr(), attn=attn.data_ptr(), gate_up=gate_up.data_ptr(), act=act.data_ptr())
+                     qkv=qkv.data_ptr(), attn=attn.data_ptr(), gate_up=gate_up.data_ptr(), act=act.data_ptr(),
+                     xq=xq.data_ptr(), xd=xd.data_ptr(), xs32=xs32.data_ptr(), xs16=xs16.data_ptr())
         self._fn(x.data_ptr(), self._layer_table(kv_caches), len(self.layers), ctypes.byref(self.dims),
                  ctypes.byref(step), torch.get_num_threads())
         return x

@@ -21,6 +21,24 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The panels' element type. Compiled once per type: float32 (qd_linear_f32), and float16 /
+ * bfloat16 weights widened to float32 in registers (qd_linear_f16, qd_linear_bf16; -DQD_W16=1 or
+ * 2). Widening is exact, so a 16-bit weight gives the bits of the float32 kernel on its float32
+ * value. */
+#if QD_W16 == 1
+typedef uint16_t wtype;
+#define LOADW(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p)))
+#define QD_LINEAR qd_linear_f16
+#elif QD_W16 == 2
+typedef uint16_t wtype;
+#define LOADW(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(p))), 16))
+#define QD_LINEAR qd_linear_bf16
+#else
+typedef float wtype;
+#define LOADW(p) _mm256_loadu_ps(p)
+#define QD_LINEAR qd_linear_f32
+#endif
+
 #define NR 16 /* output features per panel: two 8-lane vectors */
 /* Software prefetch distance of the blocked two-panel sweep, in k (64 bytes per panel each);
  * prefetches past a panel's end are harmless hints. */
@@ -28,6 +46,7 @@
 #define PF_DIST 128
 #endif
 
+#ifndef QD_W16
 /* w: [N, K] row-major -> packed: [ceil(N / NR), K, NR], zero-padded past N. */
 void qd_pack_f32(const float* w, int64_t N, int64_t K, float* packed) {
     const int64_t panels = (N + NR - 1) / NR;
@@ -41,6 +60,7 @@ void qd_pack_f32(const float* w, int64_t N, int64_t K, float* packed) {
             }
     }
 }
+#endif
 
 static inline void store_row(__m256 lo, __m256 hi, float* yr, const float* bias, const float* rr,
                              int64_t n0, int64_t ncols) {
@@ -74,14 +94,14 @@ static inline void store_row(__m256 lo, __m256 hi, float* yr, const float* bias,
 #define REP6(M) REP5(M) M(5)
 
 #define DEFINE_TILE(MR)                                                                              \
-    static void tile_##MR(const float* x, int64_t ldx, const float* panel, int64_t K,               \
+    static void tile_##MR(const float* x, int64_t ldx, const wtype* panel, int64_t K,               \
                           const float* bias, const float* res, int64_t ldr, float* y, int64_t ldy,  \
                           int64_t m0, int64_t n0, int64_t ncols) {                                   \
         REP##MR(ACC_DECL)                                                                            \
         const float* xr = x + m0 * ldx;                                                              \
         for (int64_t k = 0; k < K; ++k) {                                                            \
-            const __m256 w0 = _mm256_loadu_ps(panel + k * NR);                                        \
-            const __m256 w1 = _mm256_loadu_ps(panel + k * NR + 8);                                    \
+            const __m256 w0 = LOADW(panel + k * NR);                                        \
+            const __m256 w1 = LOADW(panel + k * NR + 8);                                    \
             REP##MR(ACC_STEP)                                                                        \
         }                                                                                            \
         REP##MR(ACC_STORE)                                                                           \
@@ -114,13 +134,13 @@ DEFINE_TILE(6)
               res ? res + (m0 + (r)) * ldr + n0 + NR : 0, n0 + NR, ncols2);
 /* Row k of both panels: w (this panel), v (the next one). */
 #define PAIR_LOAD                                                                                    \
-    const __m256 w0 = _mm256_loadu_ps(panel + k * NR), w1 = _mm256_loadu_ps(panel + k * NR + 8);   \
-    const __m256 v0 = _mm256_loadu_ps(panel2 + k * NR), v1 = _mm256_loadu_ps(panel2 + k * NR + 8);
+    const __m256 w0 = LOADW(panel + k * NR), w1 = LOADW(panel + k * NR + 8);   \
+    const __m256 v0 = LOADW(panel2 + k * NR), v1 = LOADW(panel2 + k * NR + 8);
 #define DEFINE_TILE2(MR)                                                                             \
-    static void tile2_##MR(const float* x, int64_t ldx, const float* panel, int64_t K,              \
+    static void tile2_##MR(const float* x, int64_t ldx, const wtype* panel, int64_t K,              \
                            const float* bias, const float* res, int64_t ldr, float* y, int64_t ldy,  \
                            int64_t m0, int64_t n0, int64_t ncols2) {                                 \
-        const float* panel2 = panel + K * NR;                                                        \
+        const wtype* panel2 = panel + K * NR;                                                        \
         REP##MR(ACC2_DECL)                                                                           \
         const float* xr = x + m0 * ldx;                                                              \
         for (int64_t k = 0; k < K; ++k) {                                                            \
@@ -145,9 +165,9 @@ DEFINE_TILE2(3)
     _mm256_store_ps(acc + (r) * 2 * NR, c##r##0); _mm256_store_ps(acc + (r) * 2 * NR + 8, c##r##1);    \
     _mm256_store_ps(acc + (r) * 2 * NR + 16, d##r##0); _mm256_store_ps(acc + (r) * 2 * NR + 24, d##r##1);
 #define DEFINE_TILE2K(MR)                                                                            \
-    static void tile2k_##MR(const float* xr, int64_t ldx, const float* panel, int64_t K, int64_t k0,  \
+    static void tile2k_##MR(const float* xr, int64_t ldx, const wtype* panel, int64_t K, int64_t k0,  \
                             int64_t k1, float* acc) {                                                \
-        const float* panel2 = panel + K * NR;                                                        \
+        const wtype* panel2 = panel + K * NR;                                                        \
         REP##MR(ACC2_LOAD)                                                                           \
         for (int64_t k = k0; k < k1; ++k) {                                                          \
             PAIR_LOAD                                                                                \
@@ -162,10 +182,10 @@ DEFINE_TILE2K(1)
 DEFINE_TILE2K(2)
 DEFINE_TILE2K(3)
 
-typedef void (*tile2k_fn)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*);
+typedef void (*tile2k_fn)(const float*, int64_t, const wtype*, int64_t, int64_t, int64_t, float*);
 static const tile2k_fn TILES2K[4] = {0, tile2k_1, tile2k_2, tile2k_3};
 
-typedef void (*tile_fn)(const float*, int64_t, const float*, int64_t, const float*, const float*, int64_t,
+typedef void (*tile_fn)(const float*, int64_t, const wtype*, int64_t, const float*, const float*, int64_t,
                         float*, int64_t, int64_t, int64_t, int64_t);
 static const tile_fn TILES[7] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6};
 static const tile_fn TILES2[4] = {0, tile2_1, tile2_2, tile2_3};
@@ -181,14 +201,14 @@ static const tile_fn TILES2[4] = {0, tile2_1, tile2_2, tile2_3};
 #endif
 
 /* packed: from qd_pack_f32. */
-void qd_linear_f32(const float* x, int64_t M, int64_t ldx, const float* packed, int64_t N, int64_t K,
+void QD_LINEAR(const float* x, int64_t M, int64_t ldx, const wtype* packed, int64_t N, int64_t K,
                    const float* bias, const float* res, int64_t ldr, float* y, int64_t ldy, int num_threads) {
     const int64_t panels = (N + NR - 1) / NR;
     if (M <= SMALL_M) { /* decode / verification: pairs of panels, all rows per pair */
 #pragma omp parallel for schedule(static) num_threads(num_threads)
         for (int64_t pp = 0; pp < (panels + 1) / 2; ++pp) {
             const int64_t p = 2 * pp, n0 = p * NR;
-            const float* panel = packed + p * K * NR;
+            const wtype* panel = packed + p * K * NR;
             int64_t m = 0;
             if (p + 1 < panels && M > 3) {
                 const int64_t ncols2 = N - n0 - NR < NR ? N - n0 - NR : NR;
@@ -223,7 +243,7 @@ void qd_linear_f32(const float* x, int64_t M, int64_t ldx, const float* packed, 
         const int64_t me = mc + M_CHUNK < M ? mc + M_CHUNK : M;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
         for (int64_t p = 0; p < panels; ++p) {
-            const float* panel = packed + p * K * NR;
+            const wtype* panel = packed + p * K * NR;
             const int64_t n0 = p * NR;
             const int64_t ncols = N - n0 < NR ? N - n0 : NR;
             int64_t m = mc;

@@ -1,20 +1,29 @@
-"""Linear layer with batch-invariant CPU kernels.
+"""Linear layer with batch-invariant CPU kernels, on float or block-quantized weights.
 
-On CPU in float32 a row's result must not depend on how many other rows share the call (decode
-vs. verification of drafted tokens vs. batches): that is what makes greedy speculative decoding
-token-identical to plain decoding. The native kernel (kernels/linear_f32.c) guarantees it by
-construction and reads the weights at close to memory bandwidth for the few rows of decode and
-verification; without it, oneDNN's prepacked linear (also batch-invariant) is used. Elsewhere
-(CUDA, bf16/fp16) it is F.linear.
+On CPU a row's result must not depend on how many other rows share the call (decode vs.
+verification of drafted tokens vs. batches): that is what makes greedy speculative decoding
+token-identical to plain decoding. Float32 weights use the native kernel (kernels/linear_f32.c),
+which guarantees it by construction and reads the weights at close to memory bandwidth for the
+few rows of decode and verification; without it, oneDNN's prepacked linear (also
+batch-invariant). Block-quantized weights (GGUF blocks as stored, or quantized at load) use the
+native integer kernels (kernels/linear_q8.c), or elsewhere (CUDA, no compiler) the torch
+reference of the same arithmetic (layers/quantization.py). Otherwise (CUDA, bf16/fp16) it is
+F.linear.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quickdraft.kernels import PackedLinear, linear_kernel
+from quickdraft.kernels import PackedLinear, PackedQuantLinear, linear_kernel, quant_linear_kernel
+from quickdraft.layers.quantization import (FORMAT_NAMES, QuantizedWeight, quantize_weight,
+                                            quantized_linear_reference)
+
+logger = logging.getLogger("quickdraft")
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -35,18 +44,80 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device: torch.device) -> None:
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
                                    requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
         self.packed: torch.Tensor | None = None
         self.native: PackedLinear | None = None
+        self.native_q: PackedQuantLinear | None = None
+        self.quant: QuantizedWeight | None = None  # the torch path on quantized weights
+        self._parts: dict[int, QuantizedWeight | torch.Tensor] = {}  # row offset -> stored rows, until pack()
 
-    def pack(self, keep_weight: bool = False) -> bool:
-        """Switch to a batch-invariant CPU kernel when available (the native one, else oneDNN's)
-        and free the plain weight unless ``keep_weight`` (a weight shared with an embedding).
-        Returns whether a CPU kernel was chosen."""
+    def set_stored(self, row_offset: int, part: QuantizedWeight | torch.Tensor) -> None:
+        """Rows [row_offset, row_offset + rows) of the weight in the checkpoint's storage format:
+        quantized blocks, or float16/bfloat16 values. The float weight is not filled; pack()
+        runs them as stored where it can."""
+        rows, cols = part.shape
+        if cols != self.in_features or row_offset + rows > self.out_features:
+            raise ValueError(f"Weight rows of shape {(rows, cols)} at row {row_offset} do not fit a "
+                             f"[{self.out_features}, {self.in_features}] weight.")
+        self._parts[row_offset] = part
+
+    def _assemble(self) -> QuantizedWeight | torch.Tensor | None:
+        """The stored parts as one weight: quantized, or 16-bit. Parts that cannot be fused
+        (different formats, or rows loaded as floats beside them) are written into the float
+        weight instead (returns None)."""
+        offsets = sorted(self._parts)
+        parts = [self._parts[k] for k in offsets]
+        self._parts = {}
+        try:
+            if sum(p.shape[0] for p in parts) != self.out_features:
+                raise ValueError("some rows of the weight are stored otherwise")
+            if all(isinstance(p, QuantizedWeight) for p in parts):
+                return parts[0] if len(parts) == 1 else QuantizedWeight.cat(parts)
+            if all(isinstance(p, torch.Tensor) for p in parts) and len({p.dtype for p in parts}) == 1:
+                return parts[0] if len(parts) == 1 else torch.cat(parts)
+            raise ValueError("its parts are stored in different formats")
+        except ValueError as e:
+            logger.info("Linear [%d, %d]: %s; using it in %s.", self.out_features, self.in_features, e,
+                        self.weight.dtype)
+            for offset, part in zip(offsets, parts):
+                value = part.dequantize() if isinstance(part, QuantizedWeight) else part
+                self.weight.data[offset:offset + part.shape[0]] = value.to(self.weight.dtype)
+            return None
+
+    def pack(self, keep_weight: bool = False, quantization: str | None = None) -> bool:
+        """Choose the kernel: quantized weights (set_stored, or ``quantization`` 'q8_0' / 'q4_0'
+        on the float weight) run on the native integer kernels (else the torch reference);
+        float32 weights on CPU on the native float kernel, 16-bit ones (set_stored) too, widened
+        in registers (else oneDNN's on the float32 weight). The plain weight is freed unless
+        ``keep_weight`` (a weight shared with an embedding). Returns whether a CPU kernel was chosen."""
         w = self.weight
+        stored = self._assemble() if self._parts else None
+        if isinstance(stored, torch.Tensor):  # float16 / bfloat16 rows
+            pack_native = linear_kernel() if w.device.type == "cpu" and w.dtype == torch.float32 else None
+            if pack_native is not None and quantization is None:
+                self.native = pack_native(stored)
+                if not keep_weight:
+                    self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
+                return True
+            w.data.copy_(stored)
+            stored = None
+        qw = stored
+        if qw is None and quantization is not None and w.numel():
+            qw = quantize_weight(w, quantization)
+        if qw is not None:
+            pack_native = quant_linear_kernel() if w.device.type == "cpu" else None
+            if pack_native is not None:
+                self.native_q = pack_native(qw)
+            else:
+                self.quant = QuantizedWeight(qw.q.to(w.device), qw.d.to(w.device),
+                                             None if qw.m is None else qw.m.to(w.device), qw.bs, qw.source, qw.zero)
+            if not keep_weight:
+                self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+            return pack_native is not None
         pack_native = linear_kernel() if w.device.type == "cpu" and w.dtype == torch.float32 else None
         if pack_native is not None:
             self.native = pack_native(w)
@@ -58,10 +129,28 @@ class Linear(nn.Module):
             self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
         return True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def kernel(self) -> str:
+        """Which kernel runs this layer, for logs and tests."""
+        if self.native_q is not None:
+            return f"native-{FORMAT_NAMES[self.native_q.fmt]}-{self.native_q.isa}"
+        if self.quant is not None:
+            return "torch-quantized"
         if self.native is not None:
-            shape = x.shape
-            return self.native(x.reshape(-1, shape[-1]), self.bias).view(*shape[:-1], self.native.out_features)
+            return "native-" + {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[self.native.packed.dtype]
+        return "onednn" if self.packed is not None else "torch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if self.native_q is not None:
+            y = self.native_q(x.reshape(-1, shape[-1]).float(), self.bias)
+            return y.view(*shape[:-1], self.out_features).to(x.dtype)
+        if self.quant is not None:
+            y = quantized_linear_reference(x.reshape(-1, shape[-1]).float(), self.quant,
+                                           None if self.bias is None else self.bias.float())
+            return y.view(*shape[:-1], self.out_features).to(x.dtype)
+        if self.native is not None:
+            return self.native(x.reshape(-1, shape[-1]), self.bias).view(*shape[:-1], self.out_features)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

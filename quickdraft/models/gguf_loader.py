@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from quickdraft.layers.quantization import QuantizedWeight
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 __all__ = [
@@ -267,19 +268,23 @@ def _k_scales_mins(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc.to(torch.float32), mn.to(torch.float32)
 
 
-def _deq_q8_0(b: torch.Tensor) -> torch.Tensor:
-    q = b[:, 2:].view(torch.int8).to(torch.float32)
-    return q.mul_(_f16(b, 0))
+# Each quantized block type splits exactly into small integers q, a scale d per sub-block and
+# either an offset m per sub-block or a zero point z (see layers/quantization.py):
+# [n, block] q, [n, sub-blocks] d and m. Dequantizing computes ggml's own formulas from them
+# (q * d, (q - z) * d, q * d + m, q * d - m'), so the values are ggml's bit for bit.
+_Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]
 
 
-def _deq_q4_0(b: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 2:]).to(torch.float32).sub_(8.0)
-    return q.mul_(_f16(b, 0))
+def _split_q8_0(b: torch.Tensor) -> _Split:
+    return b[:, 2:].contiguous().view(torch.int8), _f16(b, 0), None, 0
 
 
-def _deq_q4_1(b: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 4:]).to(torch.float32)
-    return q.mul_(_f16(b, 0)).add_(_f16(b, 2))
+def _split_q4_0(b: torch.Tensor) -> _Split:
+    return _nibbles(b[:, 2:]), _f16(b, 0), None, 8
+
+
+def _split_q4_1(b: torch.Tensor) -> _Split:
+    return _nibbles(b[:, 4:]), _f16(b, 0), _f16(b, 2), 0
 
 
 def _q5_high_bits(qh: torch.Tensor) -> torch.Tensor:
@@ -287,48 +292,64 @@ def _q5_high_bits(qh: torch.Tensor) -> torch.Tensor:
     return _bits(qh, 8).transpose(1, 2).reshape(-1, 32)
 
 
-def _deq_q5_0(b: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 6:]) | (_q5_high_bits(b[:, 2:6]) << 4)
-    return q.to(torch.float32).sub_(16.0).mul_(_f16(b, 0))
+def _split_q5_0(b: torch.Tensor) -> _Split:
+    return _nibbles(b[:, 6:]) | (_q5_high_bits(b[:, 2:6]) << 4), _f16(b, 0), None, 16
 
 
-def _deq_q5_1(b: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 8:]) | (_q5_high_bits(b[:, 4:8]) << 4)
-    return q.to(torch.float32).mul_(_f16(b, 0)).add_(_f16(b, 2))
+def _split_q5_1(b: torch.Tensor) -> _Split:
+    return _nibbles(b[:, 8:]) | (_q5_high_bits(b[:, 4:8]) << 4), _f16(b, 0), _f16(b, 2), 0
 
 
-def _deq_q4_k(b: torch.Tensor) -> torch.Tensor:
+def _split_q4_k(b: torch.Tensor) -> _Split:
     n = b.shape[0]
     sc, mn = _k_scales_mins(b[:, 4:16])
-    d = (_f16(b, 0) * sc).unsqueeze(-1)  # [n, 8, 1]
-    m = (_f16(b, 2) * mn).unsqueeze(-1)
     # 4 chunks of 32 bytes: sub-block 2c is chunk c's low nibbles, sub-block 2c+1 its high nibbles.
-    q = _nibbles(b[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32).to(torch.float32)
-    return q.mul_(d).sub_(m).reshape(n, _QK_K)
+    q = _nibbles(b[:, 16:].reshape(n, 4, 32)).reshape(n, _QK_K)
+    return q, _f16(b, 0) * sc, -(_f16(b, 2) * mn), 0
 
 
-def _deq_q5_k(b: torch.Tensor) -> torch.Tensor:
+def _split_q5_k(b: torch.Tensor) -> _Split:
     n = b.shape[0]
     sc, mn = _k_scales_mins(b[:, 4:16])
-    d = (_f16(b, 0) * sc).unsqueeze(-1)
-    m = (_f16(b, 2) * mn).unsqueeze(-1)
     low = _nibbles(b[:, 48:].reshape(n, 4, 32)).reshape(n, 8, 32)
     high = _bits(b[:, 16:48], 8)  # sub-block j takes bit j of the 32 qh bytes
-    q = (low | (high << 4)).to(torch.float32)
-    return q.mul_(d).sub_(m).reshape(n, _QK_K)
+    return (low | (high << 4)).reshape(n, _QK_K), _f16(b, 0) * sc, -(_f16(b, 2) * mn), 0
 
 
-def _deq_q6_k(b: torch.Tensor) -> torch.Tensor:
+def _split_q6_k(b: torch.Tensor) -> _Split:
     n = b.shape[0]
     ql = b[:, :128].reshape(n, 2, 64)  # per half of 128 values
     qh = b[:, 128:192].reshape(n, 2, 1, 32)
-    scales = b[:, 192:208].view(torch.int8).to(torch.float32)
-    d = (_f16(b, 208) * scales).view(n, 16, 1)
+    d = _f16(b, 208) * b[:, 192:208].view(torch.int8).to(torch.float32)  # [n, 16] sub-blocks of 16
     low = _nibbles(ql).reshape(n, 2, 4, 32)  # value 32*s + l of a half: nibble of ql[l + 32*(s&1)]
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
     high = (qh >> shifts) & 3  # value 32*s + l of a half: bits 2s, 2s+1 of qh[l]
-    q = (low | (high << 4)).to(torch.float32).sub_(32.0).reshape(n, 16, 16)
-    return q.mul_(d).reshape(n, _QK_K)
+    return (low | (high << 4)).reshape(n, _QK_K), d, None, 32
+
+
+_SPLITTERS = {
+    GGML_Q8_0: _split_q8_0,
+    GGML_Q4_0: _split_q4_0,
+    GGML_Q4_1: _split_q4_1,
+    GGML_Q5_0: _split_q5_0,
+    GGML_Q5_1: _split_q5_1,
+    GGML_Q4_K: _split_q4_k,
+    GGML_Q5_K: _split_q5_k,
+    GGML_Q6_K: _split_q6_k,
+}
+QUANTIZED_TYPES = frozenset(_SPLITTERS)
+
+
+def split_blocks(data: torch.Tensor, ggml_type: int, source: str = "") -> QuantizedWeight:
+    """Raw blocks [rows, row bytes] of a quantized type -> the exact QuantizedWeight [rows, K]."""
+    name, block, block_bytes = _GGML_TYPES[ggml_type]
+    rows = data.shape[0]
+    blocks = data.contiguous().view(-1, block_bytes)
+    q, d, m, zero = _SPLITTERS[ggml_type](blocks)
+    K = data.shape[1] // block_bytes * block
+    d = d.reshape(rows, -1)
+    return QuantizedWeight(q.reshape(rows, K), d, None if m is None else m.reshape(rows, -1), K // d.shape[1],
+                           source or name, zero)
 
 
 def _deq_f32(b: torch.Tensor) -> torch.Tensor:
@@ -347,14 +368,6 @@ _DEQUANTIZERS = {
     GGML_F32: _deq_f32,
     GGML_F16: _deq_f16,
     GGML_BF16: _deq_bf16,
-    GGML_Q8_0: _deq_q8_0,
-    GGML_Q4_0: _deq_q4_0,
-    GGML_Q4_1: _deq_q4_1,
-    GGML_Q5_0: _deq_q5_0,
-    GGML_Q5_1: _deq_q5_1,
-    GGML_Q4_K: _deq_q4_k,
-    GGML_Q5_K: _deq_q5_k,
-    GGML_Q6_K: _deq_q6_k,
 }
 
 
@@ -366,7 +379,7 @@ def dequantize(data: torch.Tensor | np.ndarray, ggml_type: int) -> torch.Tensor:
     values are bit-identical to ggml's (and the `gguf` package's) reference dequantization.
     """
     ggml_type = int(ggml_type)
-    if ggml_type not in _DEQUANTIZERS:
+    if ggml_type not in _DEQUANTIZERS and ggml_type not in _SPLITTERS:
         raise ValueError(
             f"GGML tensor type {_ggml_type_name(ggml_type)} is not supported "
             f"(supported: {', '.join(t[0] for t in _GGML_TYPES.values())})"
@@ -381,7 +394,10 @@ def dequantize(data: torch.Tensor | np.ndarray, ggml_type: int) -> torch.Tensor:
         raise ValueError(f"{_ggml_type_name(ggml_type)} data must end in whole {block_bytes}-byte blocks")
     n_blocks_per_row = data.shape[-1] // block_bytes
     blocks = data.contiguous().view(-1, block_bytes)
-    out = _DEQUANTIZERS[ggml_type](blocks)
+    if ggml_type in _SPLITTERS:
+        out = split_blocks(blocks, ggml_type).dequantize()
+    else:
+        out = _DEQUANTIZERS[ggml_type](blocks)
     return out.reshape(*lead, n_blocks_per_row * block)
 
 
@@ -592,11 +608,15 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest).contiguous()
 
 
-def iter_gguf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF parameter name, float32 CPU tensor) pairs, one tensor dequantized at a time.
+def iter_gguf_tensors(path: str | os.PathLike,
+                      keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """Yield (HF parameter name, tensor) pairs, one tensor at a time.
 
     Weights come in HF layout ([out_features, in_features]); Q and K rows are un-permuted for the
-    architectures whose converter permutes them, so they suit the usual rotate-half RoPE.
+    architectures whose converter permutes them, so they suit the usual rotate-half RoPE. Tensors
+    are float32 CPU tensors, except that with ``keep_quantized`` the 2-D tensors of a quantized
+    block type come as the exact QuantizedWeight of their blocks and float16/bfloat16 ones as
+    such (no float32 copy).
     """
     gguf = _GGUFFile(path)
     arch = _architecture(gguf)
@@ -607,12 +627,21 @@ def iter_gguf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tens
         hf_name = _hf_name(info.name)
         if hf_name is None:
             continue
-        tensor = gguf.read(info)
-        if permuted:
-            if ".self_attn.q_proj." in hf_name:
-                tensor = unpermute_qk(tensor, n_heads)
-            elif ".self_attn.k_proj." in hf_name:
-                tensor = unpermute_qk(tensor, n_kv_heads)
+        tensor: torch.Tensor | QuantizedWeight
+        if keep_quantized and info.ggml_type in QUANTIZED_TYPES and len(info.dims) == 2:
+            rows = info.torch_shape[0]
+            tensor = split_blocks(gguf.raw(info).view(rows, -1), info.ggml_type)
+        elif keep_quantized and info.ggml_type in (GGML_F16, GGML_BF16) and len(info.dims) == 2:
+            dtype = torch.float16 if info.ggml_type == GGML_F16 else torch.bfloat16
+            tensor = gguf.raw(info).view(dtype).view(info.torch_shape)  # a view of the file
+        else:
+            tensor = gguf.read(info)
+        if permuted and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
+            heads = n_heads if ".q_proj." in hf_name else n_kv_heads
+            if isinstance(tensor, QuantizedWeight):
+                tensor = tensor.select_rows(unpermute_qk(torch.arange(tensor.shape[0]), heads))
+            else:
+                tensor = unpermute_qk(tensor, heads)
         yield hf_name, tensor
 
 

@@ -17,6 +17,7 @@ from quickdraft.kernels import layer_ops
 from quickdraft.kernels.decoder import NativeDecoder
 from quickdraft.layers.attention import AttentionMetadata, paged_attention
 from quickdraft.layers.linear import Linear
+from quickdraft.layers.quantization import QuantizedWeight
 from quickdraft.layers.norm import rms_norm
 from quickdraft.layers.rotary import RotaryEmbedding, apply_rotary
 from quickdraft.models.model_config import ModelConfig
@@ -76,11 +77,14 @@ class DecoderForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype, device)
         self.native_decoder: NativeDecoder | None = None  # CPU float32 with native kernels (pack_linears)
+        self.embed_quant: QuantizedWeight | None = None  # the embedding kept as stored (GGUF blocks)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
-        if self.embed_tokens.numel() == 0:  # tied and packed: the LM head's panels hold the table
+        if self.embed_quant is not None:  # rows dequantized from the stored blocks
+            x = self.embed_quant.dequantize(input_ids).to(self.rotary.cos.dtype)
+        elif self.embed_tokens.numel() == 0:  # tied and packed: the LM head's panels hold the table
             x = self.lm_head.native.rows(input_ids)
         else:
             x = F.embedding(input_ids, self.embed_tokens)
@@ -97,21 +101,32 @@ class DecoderForCausalLM(nn.Module):
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""
         return self.lm_head(hidden).float()
 
-    def pack_linears(self) -> None:
-        """Use the prepacked CPU kernels where available (see layers/linear.py). With tied
-        embeddings and the native kernel, embedding lookups read the LM head's packed panels and
-        the plain table is freed, so the matrix is held once."""
-        for layer in self.layers:
-            for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
-                lin.pack()
+    def _linears(self) -> list[Linear]:
+        return [lin for layer in self.layers
+                for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+
+    def pack_linears(self, quantization: str | None = None) -> None:
+        """Choose each linear's kernel (see layers/linear.py): weights loaded quantized run as
+        stored; ``quantization`` ('q8_0' / 'q4_0') quantizes float weights at load, LM head
+        included. With tied embeddings and the native float kernel, embedding lookups read the LM
+        head's packed panels and the plain table is freed, so the matrix is held once; a quantized
+        tied head keeps the float table (GGUF: the stored blocks) for lookups."""
+        for lin in self._linears():
+            lin.pack(quantization=quantization)
         tied = self.cfg.tie_word_embeddings
-        self.lm_head.pack(keep_weight=tied)
-        native = all(lin.native is not None for layer in self.layers
-                     for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj))
+        if tied and self.embed_quant is not None:
+            self.lm_head.set_stored(0, self.embed_quant)
+        self.lm_head.pack(keep_weight=tied, quantization=quantization)
+        if self.embed_quant is not None:
+            q = self.embed_quant
+            dev = self.embed_tokens.device
+            self.embed_quant = QuantizedWeight(q.q.to(dev), q.d.to(dev), None if q.m is None else q.m.to(dev), q.bs,
+                                               q.source, q.zero)
+        native = all(lin.native is not None or lin.native_q is not None for lin in self._linears())
         if native and layer_ops() is not None and self.cfg.head_dim % 8 == 0 and self.cfg.head_dim <= 256:
             self.native_decoder = NativeDecoder(list(self.layers), self.cfg.hidden_size, self.cfg.intermediate_size,
                                                 self.cfg.rms_norm_eps)
-        if tied and self.lm_head.native is not None:
+        if tied and (self.lm_head.native is not None or self.embed_quant is not None):
             self.embed_tokens = _param(0, dtype=self.embed_tokens.dtype, device=self.embed_tokens.device)
             self.lm_head.weight = self.embed_tokens
 
@@ -138,6 +153,10 @@ class DecoderForCausalLM(nn.Module):
         loaded: set[str] = set()
         fused_rows: dict[str, int] = {}  # fused parameter -> rows loaded so far
         for name, tensor in weights:
+            if self._load_stored(name, tensor, fused, plain, loaded, fused_rows):
+                continue
+            if isinstance(tensor, QuantizedWeight):
+                tensor = tensor.dequantize()  # not a linear weight (or one this layout cannot hold)
             if name.startswith("model.layers."):
                 idx_str, suffix = name[len("model.layers."):].split(".", 1)
                 layer = self.layers[int(idx_str)]
@@ -174,6 +193,47 @@ class DecoderForCausalLM(nn.Module):
         missing = expected - loaded
         if missing:
             raise ValueError(f"Checkpoint is missing weights: {sorted(missing)[:8]}")
+
+    def _load_stored(self, name: str, tensor: QuantizedWeight | torch.Tensor, fused: dict, plain: dict,
+                     loaded: set[str], fused_rows: dict[str, int]) -> bool:
+        """Keep a checkpoint tensor in its storage format where a kernel runs it as stored:
+        quantized blocks (linear layers and the embedding) and, for a float32 model on CPU,
+        float16/bfloat16 linear weights (widened exactly in registers). Returns False where the
+        caller must copy it into the float parameter instead."""
+        quantized = isinstance(tensor, QuantizedWeight)
+        half = (not quantized and tensor.dtype in (torch.float16, torch.bfloat16) and tensor.dim() == 2
+                and self.embed_tokens.dtype == torch.float32 and self.embed_tokens.device.type == "cpu")
+        if not (quantized or half) or (quantized and tensor.shape[1] % 32):
+            return False
+        if name == "model.embed_tokens.weight":
+            if tuple(tensor.shape) != tuple(self.embed_tokens.shape):
+                raise ValueError(f"Weight {name} has shape {tuple(tensor.shape)}, expected {tuple(self.embed_tokens.shape)}.")
+            if not quantized:  # the table is copied as float32; a tied head keeps the 16-bit rows
+                if self.cfg.tie_word_embeddings:
+                    self.lm_head.set_stored(0, tensor)
+                return False
+            self.embed_quant = tensor
+            loaded.add("embed_tokens")
+            return True
+        if name == "lm_head.weight":
+            if not self.cfg.tie_word_embeddings:
+                self.lm_head.set_stored(0, tensor)
+                loaded.add("lm_head.weight")
+            return True
+        if not name.startswith("model.layers."):
+            return False
+        idx_str, suffix = name[len("model.layers."):].split(".", 1)
+        layer = self.layers[int(idx_str)]
+        target, off = (fused[suffix][0], fused[suffix][1]) if suffix in fused else (plain.get(suffix), 0)
+        if target is None or not target.endswith("_proj.weight"):
+            return False
+        lin = _get(layer, target.removesuffix(".weight"))
+        lin.set_stored(off, tensor)
+        key = f"layers.{idx_str}.{target}"
+        fused_rows[key] = fused_rows.get(key, 0) + tensor.shape[0]
+        if fused_rows[key] == lin.out_features:
+            loaded.add(key)
+        return True
 
 
 def _get(module: nn.Module, dotted: str) -> torch.Tensor | None:

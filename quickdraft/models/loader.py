@@ -65,8 +65,10 @@ def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(model: str | Path | None, *, tokenizer: str | Path | None, dtype: torch.dtype,
-               device: torch.device, max_positions: int, config: ModelConfig | None = None) -> LoadedModel:
-    """``config``: the model's already-parsed ModelConfig, if the caller has it."""
+               device: torch.device, max_positions: int, config: ModelConfig | None = None,
+               quantization: str | None = None) -> LoadedModel:
+    """``config``: the model's already-parsed ModelConfig, if the caller has it; ``quantization``:
+    as resolved by config.resolve_quantization ('gguf', 'q8_0', 'q4_0' or None)."""
     path = resolve_model_path(model)
     cfg = config if config is not None else ModelConfig.from_hf_config(read_model_config(path))
     net = DecoderForCausalLM(cfg, dtype, device, max_positions)
@@ -77,7 +79,7 @@ def load_model(model: str | Path | None, *, tokenizer: str | Path | None, dtype:
         tok = load_hf_tokenizer(Path(tokenizer) if tokenizer else path)
     else:
         from quickdraft.models.gguf_loader import iter_gguf_tensors, load_gguf_tokenizer
-        net.load_weights(iter_gguf_tensors(path))
+        net.load_weights(iter_gguf_tensors(path, keep_quantized=quantization == "gguf"))
         gen_cfg = {}
         if tokenizer:
             tok = load_hf_tokenizer(Path(tokenizer))
@@ -85,6 +87,6 @@ def load_model(model: str | Path | None, *, tokenizer: str | Path | None, dtype:
             data = load_gguf_tokenizer(path)
             tok = Tokenizer(data.backend, bos_token=data.bos_token, eos_token=data.eos_token,
                             chat_template=data.chat_template, add_bos_token=data.add_bos_token or None)
-    net.pack_linears()
+    net.pack_linears(quantization if quantization in ("q8_0", "q4_0") else None)
     net.eval()
     return LoadedModel(net, cfg, tok, gen_cfg, path)

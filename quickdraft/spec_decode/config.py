@@ -21,6 +21,9 @@ class SpeculativeConfig:
         and 5, one set means the other copies it.
     model: the draft model (HF folder or GGUF with the target's vocabulary) for draft_model.
     draft_dtype: the draft model's dtype (default: the target's).
+    quantization: how the draft's weights are held, as ``LLM(quantization=...)``: "auto" (the
+        default: a GGUF draft runs as stored where the native integer kernels run), "gguf",
+        "q8_0", "q4_0", or None / "none" (dequantized to draft_dtype).
     disable_by_batch_size: no drafting while at least this many sequences are running.
     rejection_sample_method: how a draft model's sampled drafts are drawn and verified:
         "coupled" (the draft samples with the target's per-position noise and is verified by
@@ -37,6 +40,7 @@ class SpeculativeConfig:
     draft_dtype: str | None = None
     disable_by_batch_size: int | None = None
     rejection_sample_method: str | None = None
+    quantization: str | None = "auto"
 
     def __post_init__(self) -> None:
         k = self.num_speculative_tokens
