@@ -130,7 +130,7 @@ def step_ratios(llm: LLM, rows=(1, 2, 4, 6, 9), repeats: int = 40) -> dict[int, 
 def subprocess_load(quantization: str | None) -> dict:
     code = ("import json, resource, time; from quickdraft import LLM; "
             "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
-            f"llm = LLM(quantization={quantization!r}, kv_cache_memory='64MiB'); "
+            f"llm = LLM(quantization={quantization!r}, max_model_len=2048, kv_cache_memory='128MiB'); "
             "print(json.dumps({'load_s': llm.load_seconds, 'base_mb': base, "
             "'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -258,7 +258,7 @@ def main() -> None:
               f"one-row step {step * 1e3:.2f} ms = {1 / step:.0f} tok/s ({nbytes / step / bw:.0%} of the bandwidth)")
     print(f"  file size {path.stat().st_size / 1e6:.0f} MB")
 
-    print("\nLoad (fresh process, KV cache 64 MiB):")
+    print("\nLoad (fresh process, max_model_len 2048, KV cache 128 MiB):")
     for q in ("auto", None):
         r = subprocess_load(q)
         print(f"  quantization={q!r}: load {r['load_s']:.2f} s, peak RSS {r['rss_mb']:.0f} MB "
