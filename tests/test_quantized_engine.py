@@ -57,7 +57,8 @@ def test_quality_against_the_dequantized_path(smollm2_quantized, smollm2_llm):
     (a rounding error of at most dx / 2 = max|x| / 254 per value). llama.cpp computes with the same
     Q8 activation blocks, and its own quality scale for 8-bit blocks (a Q8_0 model against F16,
     weights quantized too) is a mean KL of about 1e-3 on models of this size; 0.01 is ten times
-    that, the same error source, to keep the test stable (measured here: about 3e-3)."""
+    that, the same error source, to keep the test stable (measured: 97.7% and 2.7e-3, the same
+    on every instruction set, whose bits agree)."""
     tok = smollm2_llm.get_tokenizer()
     agree = total = 0
     kls = []
@@ -75,6 +76,7 @@ def test_quality_against_the_dequantized_path(smollm2_quantized, smollm2_llm):
         lp, lq = ref.log_softmax(-1), got.log_softmax(-1)
         kls.append((lp.exp() * (lp - lq)).sum(-1))
     kl = torch.cat(kls).mean().item()
+    print(f"top-1 agreement {agree / total:.4f}, mean KL {kl:.2e}")
     assert agree / total >= 0.97, (agree, total)
     assert kl < 0.01, kl
 

@@ -23,7 +23,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from quickdraft import LLM, SamplingParams, SpeculativeConfig
-from quickdraft.engine.model_runner import ModelRunner
+from quickdraft.engine.model_runner import ModelRunner, SeqInput
 from quickdraft.spec_decode.draft_model import DraftModelProposer
 from quickdraft.spec_decode.proposer import NgramProposer
 from stats import chi_square_df, chi_square_power, chi_square_pvalue, samples_for_power
@@ -145,7 +145,18 @@ def penalized(logits: torch.Tensor, prompt: list[int], output: list[int], params
 
 @torch.no_grad()
 def hf_next_logits(model, seqs: list[list[int]]) -> torch.Tensor:
-    """transformers' next-token logits after each (equal-length) sequence: [len(seqs), V]."""
+    """transformers' next-token logits after each (equal-length) sequence: [len(seqs), V]; for
+    an LLM (a quantized model, which transformers cannot compute), the engine's own, one
+    prefill per sequence."""
+    if isinstance(model, LLM):
+        bm, out = model.engine.block_manager, []
+        for i in range(0, len(seqs), 64):
+            chunk = seqs[i:i + 64]
+            inputs = [SeqInput(s, 0, bm.grow_to(10**6 + j, len(s)), len(s) - 1) for j, s in enumerate(chunk)]
+            out.append(model.engine.runner.execute(inputs).double())
+            for j in range(len(chunk)):
+                bm.free(10**6 + j)
+        return torch.cat(out)
     out = []
     for i in range(0, len(seqs), 128):
         out.append(model(torch.tensor(seqs[i:i + 128])).logits[:, -1].double())
@@ -456,8 +467,9 @@ def assert_triple_law(outs, cells: dict[tuple[int, ...], float]) -> None:
     assert chi_square_pvalue(counts, probs) > LAW_ALPHA
 
 
-@pytest.mark.parametrize("method", ["ngram", "standard"])
-def test_sampling_law_with_speculation_equals_the_target_law(method, ckpt, perturbed):
+@pytest.mark.parametrize("method,quantization", [("ngram", None), ("standard", None), ("ngram", "q4_0"),
+                                                 ("standard", "q8_0")])
+def test_sampling_law_with_speculation_equals_the_target_law(method, quantization, ckpt, perturbed):
     """The first three tokens follow the target's exact law (chi-square of 9 cells with 80%
     power against a 5% shift of a cell of mass 0.2). The coupled draft model needs no test of
     its own here: its outputs are plain sampling's, token for token (the seeded tests below),
@@ -467,9 +479,13 @@ def test_sampling_law_with_speculation_equals_the_target_law(method, ckpt, pertu
     sliding window makes the continuation of the whole prompt too), so after t1 = c the lookup
     drafts [y, z], accepted often but far from always; other t1 get other drafts or none. Draft
     model (standard rejection sampler): the target's perturbed copy drafts; the request's
-    penalties, temperature and top-p shape both p and q."""
+    penalties, temperature and top-p shape both p and q. Also with the target quantized at load
+    (the integer kernels): its law is then that of its own logits, from a plain quantized engine."""
     path = ckpt("mistral")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if quantization is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    else:  # the law of the quantized target: its logits, from a plain quantized engine
+        model = make_llm(path, quantization=quantization)
     rng = random.Random(11)
     if method == "ngram":
         params = dict(temperature=0.6, top_k=40, presence_penalty=0.5, frequency_penalty=0.2)
@@ -483,7 +499,8 @@ def test_sampling_law_with_speculation_equals_the_target_law(method, ckpt, pertu
         prompt = rng.sample(range(3, 384), 20)
     cells = triple_law_cells(model, prompt, params)
     n = law_sample_size()
-    llm = make_llm(path, spec_for(method, perturbed, 3), max_num_seqs=32)
+    llm = make_llm(path, spec_for(method, perturbed, 3), max_num_seqs=32, quantization=quantization)
+    assert llm.config.quantization == quantization
     outs = llm.generate({"prompt_token_ids": prompt},
                         SamplingParams(n=n, **params, max_tokens=4, seed=7, ignore_eos=True), use_tqdm=False)
     m = spec_metrics(llm)
