@@ -41,6 +41,8 @@ _UNITS: tuple[tuple[str, tuple[str, ...]], ...] = (
 _OPTIONAL_UNITS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("linear_q8.c", ("-DQD_ISA=avxvnni", "-DQD_DOT_VNNI", "-mavxvnni")),
     ("linear_q8.c", ("-DQD_ISA=avx512vnni", "-DQD_DOT_VNNI512", "-mavx512vnni", "-mavx512vl")),
+    # For the tests: the VNNI code path with dpbusd emulated exactly by AVX2 (never chosen).
+    ("linear_q8.c", ("-DQD_ISA=vnniemu", "-DQD_DOT_VNNI", "-DQD_EMULATE_DPBUSD")),
 )
 
 
@@ -261,12 +263,13 @@ class PackedQuantLinear:
 
 def quant_linear_kernel(isa: str | None = None) -> Callable[["QuantizedWeight"], PackedQuantLinear] | None:
     """``pack(weight) -> PackedQuantLinear`` on ``isa`` (default: default_quant_isa()), or None
-    where the native kernels are unavailable."""
+    where the native kernels are unavailable. ``isa="vnniemu"`` (tests only) is the VNNI code
+    path with the dpbusd instruction emulated exactly on AVX2."""
     isa = isa or default_quant_isa()
     lib = native_library()
     if lib is None or isa is None:
         return None
-    if isa not in quant_isas():
+    if isa not in quant_isas() and not (isa == "vnniemu" and hasattr(lib, "qd_linear_q8_vnniemu")):
         raise ValueError(f"Quantized kernel variant {isa!r} is not available here (available: {quant_isas()}).")
     return lambda weight: PackedQuantLinear(lib, weight, isa)
 

@@ -71,6 +71,17 @@ static inline void load_groups_8(const uint8_t* q, __m256i* v) {
     for (int g = 0; g < 8; ++g) v[g] = _mm256_loadu_si256((const __m256i*)(q + 32 * g));
 }
 
+#if defined(QD_EMULATE_DPBUSD)
+/* Tests only: the VNNI code path on an AVX2 CPU, with dpbusd computed by maddubs + madd. Exact
+ * for the operands used here (each pair of products stays within int16, see sums_unsigned), so
+ * it checks the VNNI variants' accumulation on machines without VNNI; the instruction itself is
+ * then the only untested part. */
+static inline __m256i emulated_dpbusd(__m256i acc, __m256i u, __m256i s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+#define _mm256_dpbusd_avx_epi32 emulated_dpbusd
+#endif
+
 static inline __m256i bcast4(const int8_t* x) {
     int32_t v;
     memcpy(&v, x, 4);
