@@ -8,6 +8,8 @@ from functools import lru_cache
 
 import torch
 
+from quickdraft.layers.quantization import QUANTIZATION_METHODS
+
 _DTYPES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -22,15 +24,10 @@ def cpu_bf16_batch_invariant() -> bool:
     and none of AVX-512, AMX or AVX-NE-CONVERT (on those torch takes other bf16 code paths,
     oneDNN's among them). Greedy speculation in bfloat16 was seen to differ from plain decoding
     on an AVX512-BF16 CPU, and was verified identical on an AVX2-only one."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return "avx2" in flags and not {"avx512f", "amx_bf16", "avx_ne_convert"} & flags
-    except OSError:
-        pass
-    return False
+    from quickdraft.kernels import cpu_flags
+
+    flags = cpu_flags()
+    return "avx2" in flags and not {"avx512f", "amx_bf16", "avx_ne_convert"} & flags
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -65,7 +62,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
-QUANTIZATIONS = ("auto", "gguf", "q8_0", "q4_0", "none")
+QUANTIZATIONS = ("auto", "gguf", *QUANTIZATION_METHODS, "none")
 
 
 def resolve_quantization(quantization: str | None, model_path, device: torch.device, dtype: torch.dtype) -> str | None:

@@ -40,6 +40,7 @@ def _add_engine_args(p: argparse.ArgumentParser, *, seed_help: str | None) -> No
                                                        "bf16", "fp16", "fp32"],
                    help="weights and activations dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    # config.QUANTIZATIONS, written out: the CLI parses its arguments before importing torch.
     g.add_argument("--quantization", "-q", default="auto", choices=["auto", "gguf", "q8_0", "q4_0", "none"],
                    help="how weights are held (auto: a GGUF file's blocks as stored on CPU; none: dequantized)")
     if seed_help is not None:

@@ -208,17 +208,9 @@ class PackedQuantLinear:
 
     def __init__(self, lib: ctypes.CDLL, weight: "QuantizedWeight", isa: str) -> None:
         from quickdraft.layers.quantization import kernel_format, pack
-        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         self._fn = getattr(lib, f"qd_linear_q8_{isa}")
-        self._fn.argtypes = [c_int, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, c_int]
-        self._fn.restype = None
         self.fn_address = ctypes.cast(self._fn, ctypes.c_void_p).value
-        self._quantize = lib.qd_quantize_q8
-        self._quantize.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, c_int]
-        self._quantize.restype = None
-        self._rows = lib.qd_rows_q8
-        self._rows.argtypes = [c_int, ptr, i64, ptr, i64, ptr]
-        self._rows.restype = None
+        self._quantize, self._rows = lib.qd_quantize_q8, lib.qd_rows_q8
         self.isa = isa
         self.out_features, self.in_features = weight.shape
         self.fmt = kernel_format(weight)
@@ -271,7 +263,20 @@ def quant_linear_kernel(isa: str | None = None) -> Callable[["QuantizedWeight"],
         return None
     if isa not in quant_isas() and not (isa == "vnniemu" and hasattr(lib, "qd_linear_q8_vnniemu")):
         raise ValueError(f"Quantized kernel variant {isa!r} is not available here (available: {quant_isas()}).")
+    _bind_quant(lib, isa)
     return lambda weight: PackedQuantLinear(lib, weight, isa)
+
+
+@lru_cache(maxsize=None)
+def _bind_quant(lib: ctypes.CDLL, isa: str) -> None:
+    """The ctypes signatures of the quantized kernels, set once per variant."""
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    fn = getattr(lib, f"qd_linear_q8_{isa}")
+    fn.argtypes = [c_int, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, c_int]
+    lib.qd_quantize_q8.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, c_int]
+    lib.qd_rows_q8.argtypes = [c_int, ptr, i64, ptr, i64, ptr]
+    for f in (fn, lib.qd_quantize_q8, lib.qd_rows_q8):
+        f.restype = None
 
 
 PagedAttentionKernel = Callable[..., None]

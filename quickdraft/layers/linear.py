@@ -113,8 +113,7 @@ class Linear(nn.Module):
             if pack_native is not None:
                 self.native_q = pack_native(qw)
             else:
-                self.quant = QuantizedWeight(qw.q.to(w.device), qw.d.to(w.device),
-                                             None if qw.m is None else qw.m.to(w.device), qw.bs, qw.source, qw.zero)
+                self.quant = qw.to(w.device)
             if not keep_weight:
                 self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
             return pack_native is not None

@@ -80,6 +80,10 @@ class QuantizedWeight:
             w = w + m.unsqueeze(-1)
         return w.reshape(R, K)
 
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        return QuantizedWeight(self.q.to(device), self.d.to(device), None if self.m is None else self.m.to(device),
+                               self.bs, self.source, self.zero)
+
     def select_rows(self, index: torch.Tensor) -> QuantizedWeight:
         return QuantizedWeight(self.q[index], self.d[index], None if self.m is None else self.m[index], self.bs,
                                self.source, self.zero)

@@ -118,10 +118,7 @@ class DecoderForCausalLM(nn.Module):
             self.lm_head.set_stored(0, self.embed_quant)
         self.lm_head.pack(keep_weight=tied, quantization=quantization)
         if self.embed_quant is not None:
-            q = self.embed_quant
-            dev = self.embed_tokens.device
-            self.embed_quant = QuantizedWeight(q.q.to(dev), q.d.to(dev), None if q.m is None else q.m.to(dev), q.bs,
-                                               q.source, q.zero)
+            self.embed_quant = self.embed_quant.to(self.embed_tokens.device)
         native = all(lin.native is not None or lin.native_q is not None for lin in self._linears())
         if native and layer_ops() is not None and self.cfg.head_dim % 8 == 0 and self.cfg.head_dim <= 256:
             self.native_decoder = NativeDecoder(list(self.layers), self.cfg.hidden_size, self.cfg.intermediate_size,

@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
+from quickdraft.layers.quantization import QUANTIZATION_METHODS
 from quickdraft.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 from quickdraft.models.llama import DecoderForCausalLM
 from quickdraft.models.model_config import ModelConfig
@@ -87,6 +88,6 @@ def load_model(model: str | Path | None, *, tokenizer: str | Path | None, dtype:
             data = load_gguf_tokenizer(path)
             tok = Tokenizer(data.backend, bos_token=data.bos_token, eos_token=data.eos_token,
                             chat_template=data.chat_template, add_bos_token=data.add_bos_token or None)
-    net.pack_linears(quantization if quantization in ("q8_0", "q4_0") else None)
+    net.pack_linears(quantization if quantization in QUANTIZATION_METHODS else None)
     net.eval()
     return LoadedModel(net, cfg, tok, gen_cfg, path)
