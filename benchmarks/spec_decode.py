@@ -103,8 +103,9 @@ def main() -> None:
         spec = {n: outs[n].metrics for n in engines if n != "off"}
         rows.append((cat, med, spec, identical, len(ref), {n: statistics.median(v) for n, v in decode.items()}))
 
-    print(f"\nSmolLM2-135M-Instruct, {str(dtype).replace('torch.', '')}, greedy, max {args.max_tokens} tokens, "
-          f"{torch.get_num_threads()} threads, medians of {args.repeats} alternating runs")
+    print(f"\nSmolLM2-135M-Instruct, {str(dtype).replace('torch.', '')} (quantization={base.config.quantization}), "
+          f"greedy, max {args.max_tokens} tokens, {torch.get_num_threads()} threads, medians of {args.repeats} "
+          f"alternating runs")
     head = f"{'category':<17} {'off tok/s':>9}"
     for k in KS:
         head += f" {'k=' + str(k):>14}"
