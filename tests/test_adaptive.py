@@ -46,3 +46,65 @@ def test_failing_drafts_shrink_to_zero_then_probe_again(tiny_checkpoint):
     assert m.num_drafts > 0 and m.num_draft_tokens < 5 * m.num_drafts
     assert 0 in ks  # backed off completely at some point
     assert any(a == 0 and b > 0 for a, b in zip(ks, ks[1:]))  # and probed again
+
+
+def test_expected_tokens_hand_computed():
+    E = DraftLengthPolicy.expected_tokens
+    assert E(0, 0.3) == 1.0
+    assert abs(E(2, 0.5) - 1.75) < 1e-12  # 1 + 0.5 + 0.25
+    assert E(4, 1.0) == 5.0
+
+
+def test_cost_rule_drafts_only_what_pays():
+    """costs[k] in plain steps; E(k) / cost[k] decides: p = 0.1 -> no draft (1.1 / 1.2 < 1);
+    p = 0.5 -> k = 2 (1.5 / 1.2 and 1.75 / 1.4 tie at 1.25: the longer; 1.875 / 2.4 < 1);
+    p = 1 -> k = 2 (3 / 1.4 = 2.14 beats 2 / 1.2 and 4 / 2.4 = 1.67)."""
+    p = DraftLengthPolicy(max_k=3, step_cost=(1.0, 1.2, 1.4, 2.4))
+    assert p.worth(3, 0.1) == 0
+    assert p.worth(3, 0.5) == 2
+    assert p.worth(3, 1.0) == 2
+    assert p.worth(1, 1.0) == 1  # never above the k it is given
+    assert p.worth(3, 0.25) == 1  # 1.25 / 1.2 = 1.04 > 1; 1.3125 / 1.4 < 1
+    assert DraftLengthPolicy(max_k=3).worth(3, 0.0) == 3  # no costs: the rule is off
+    assert abs(p.break_even() - 0.2) < 1e-6  # (1 + p) / 1.2 = 1
+    assert DraftLengthPolicy(max_k=2, step_cost=(1.0, 2.1, 3.2)).break_even() == 1.0  # never pays
+
+
+def test_acceptance_estimate_is_a_discounted_count():
+    p = DraftLengthPolicy(max_k=5, decay=0.5)
+    assert p.acceptance(0.0, 0.0) == 0.5  # the prior
+    h, m = p.observe(0.0, 0.0, drafted=5, accepted=5)  # all accepted: 5 hits, no miss
+    assert (h, m) == (5.0, 0.0)
+    h, m = p.observe(h, m, drafted=4, accepted=1)  # one hit, then a rejection
+    assert (h, m) == (3.5, 1.0)
+    assert p.acceptance(h, m) == 4.5 / 6.5
+    assert p.observe(h, m, drafted=0, accepted=0) == (h, m)
+
+
+def test_step_costs_measured_and_a_costly_draft_is_not_used(tiny_checkpoint):
+    """A draft model as large as the target (the same tiny checkpoint) costs more per drafted
+    token than it can save: the engine measures that at start and only probes one token now and
+    then, with outputs identical to plain decoding. With draft_length_policy="fixed" it drafts
+    k tokens every step, as vLLM does."""
+    path = str(tiny_checkpoint("llama"))
+    prompt = [5, 6, 7, 8] * 8
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain = LLM(path, dtype="float32", device="cpu", max_model_len=256)
+    want = plain.generate({"prompt_token_ids": prompt}, sp, use_tqdm=False)[0].outputs[0].token_ids
+    spec = {"model": path, "num_speculative_tokens": 3}
+    adaptive = LLM(path, dtype="float32", device="cpu", max_model_len=256, speculative_config=spec)
+    costs = adaptive.engine.draft_policy.step_cost
+    assert len(costs) == 4 and costs[0] == 1.0 and list(costs) == sorted(costs)
+    assert costs[3] > 2.0  # three draft steps of a model as large as the target, and four rows
+    assert adaptive.engine.draft_policy.break_even() == 1.0
+    out = adaptive.generate({"prompt_token_ids": prompt}, sp, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == want
+    m = out.metrics
+    assert 0 < m.num_drafts <= 40 // adaptive.engine.draft_policy.probe_interval
+    assert m.num_draft_tokens == m.num_drafts  # probes of one token only
+    fixed = LLM(path, dtype="float32", device="cpu", max_model_len=256,
+                speculative_config={**spec, "draft_length_policy": "fixed"})
+    out = fixed.generate({"prompt_token_ids": prompt}, sp, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == want
+    assert out.metrics.num_draft_tokens >= 3 * (out.metrics.num_drafts - 1)  # k each; the last may be cut short
+    assert out.metrics.num_accepted_tokens == out.metrics.num_draft_tokens  # the draft is the target

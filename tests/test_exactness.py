@@ -117,11 +117,14 @@ def test_seeded_sampling_same_text_alone_and_in_a_batch_of_40(engines):
 def test_draft_model_greedy_and_seeded_equal_plain_in_the_default_path(smollm2_gguf):
     """The default (quantized) target with a draft model: the same GGUF dequantized to float32,
     close to the target but not equal, so drafts are accepted often and rejected sometimes.
-    Greedy over 50 prompts x 128 tokens, and seeded sampling, equal plain decoding."""
+    Greedy over 50 prompts x 128 tokens, and seeded sampling, equal plain decoding. The draft
+    length is fixed: a float32 draft costs more than the quantized target, so the adaptive
+    policy would (rightly) stop drafting."""
     k = 4
     plain = LLM(str(smollm2_gguf), device="cpu", max_model_len=1024)
     spec = LLM(str(smollm2_gguf), device="cpu", max_model_len=1024,
-               speculative_config={"model": str(smollm2_gguf), "num_speculative_tokens": k, "quantization": None})
+               speculative_config={"model": str(smollm2_gguf), "num_speculative_tokens": k, "quantization": None,
+                                   "draft_length_policy": "fixed"})
     assert spec.config.quantization == "gguf"
     assert spec.engine.proposer.runner.model.layers[0].qkv_proj.kernel == "native-f32"
     convs = [chat(f"Tell me about {TOPICS[i % 10]} and repeat the key facts {i}.") for i in range(50)]

@@ -142,7 +142,7 @@ def test_float_checkpoint_quantized_at_load(tiny_checkpoint, monkeypatch, method
     reqs = [{"prompt_token_ids": p} for p in prompts]
     want = [o.outputs[0].token_ids for o in plain.generate(reqs, sp, use_tqdm=False)]
     for spec in ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1},
-                 {"model": path, "num_speculative_tokens": 3}):
+                 {"model": path, "num_speculative_tokens": 3, "draft_length_policy": "fixed"}):
         llm = LLM(path, device="cpu", max_model_len=256, quantization=method, speculative_config=spec)
         outs = llm.generate(reqs, sp, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == want

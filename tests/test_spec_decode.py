@@ -43,7 +43,11 @@ def ngram(k: int, **kw) -> dict:
 
 
 def draft(path, k: int, **kw) -> dict:
-    return {"method": "draft_model", "model": str(path), "num_speculative_tokens": k, **kw}
+    """A draft-model config with a fixed draft length: these drafts cost as much as the target
+    (tiny models, overhead-bound), so the adaptive policy would rightly stop drafting, and these
+    tests are about verifying drafts (the policy has its own tests in test_adaptive.py)."""
+    return {"method": "draft_model", "model": str(path), "num_speculative_tokens": k,
+            "draft_length_policy": "fixed", **kw}
 
 
 def spec_metrics(llm: LLM) -> dict:
@@ -288,6 +292,8 @@ def test_other_bad_configs(ckpt):
         make_llm(ckpt("llama"), {"method": "draft_model", "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="disable_by_batch_size"):
         make_llm(ckpt("llama"), ngram(2, disable_by_batch_size=0))
+    with pytest.raises(ValueError, match="draft_length_policy must be one of .*'greedy'"):
+        make_llm(ckpt("llama"), ngram(2, draft_length_policy="greedy"))
     with pytest.raises(TypeError):
         make_llm(ckpt("llama"), [("num_speculative_tokens", 2)])
 

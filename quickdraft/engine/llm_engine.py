@@ -27,6 +27,7 @@ from quickdraft.spec_decode.draft_model import DraftModelProposer
 from quickdraft.spec_decode.metrics import SpecDecodeStats
 from quickdraft.spec_decode.proposer import Draft, NgramProposer, Proposer
 from quickdraft.spec_decode.rejection_sampler import rejection_sample
+from quickdraft.spec_decode.step_cost import measure_step_costs
 from quickdraft.tokenizer import encode_bad_words
 
 logger = logging.getLogger("quickdraft")
@@ -62,7 +63,8 @@ class LLMEngine:
         self.spec_stats: SpecDecodeStats | None = None
         if speculative_config is not None:
             self.spec_stats = SpecDecodeStats(speculative_config.num_speculative_tokens)
-            self.draft_policy = DraftLengthPolicy(speculative_config.num_speculative_tokens)
+            k = speculative_config.num_speculative_tokens
+            draft_runner = None
             if speculative_config.method == "ngram":
                 self.proposer = NgramProposer(speculative_config.prompt_lookup_min, speculative_config.prompt_lookup_max)
             else:
@@ -71,6 +73,14 @@ class LLMEngine:
                                            draft.model.embed_tokens.dtype, config.device)
                 self.proposer = DraftModelProposer(draft_runner, self.block_manager, self.eos_token_ids,
                                                    speculative_config.rejection_sample_method)
+            if speculative_config.draft_length_policy == "fixed":
+                self.draft_policy = DraftLengthPolicy(k, fixed=True)
+            else:
+                costs = measure_step_costs(self.runner, self.block_manager, k, draft_runner)
+                self.draft_policy = DraftLengthPolicy(k, step_cost=costs)
+                logger.info("Speculative step cost (plain step = 1) by draft length 0..%d: %s; drafting pays "
+                            "from an acceptance rate of %.2f", k, " ".join(f"{c:.2f}" for c in costs),
+                            self.draft_policy.break_even())
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
@@ -191,14 +201,20 @@ class LLMEngine:
         room = min(self.config.max_model_len - seq.num_tokens, seq.max_output_tokens - seq.num_output_tokens) - 1
         if room <= 0:
             return 0
+        policy = self.draft_policy
+        if policy.fixed:
+            return min(policy.max_k, room)
         if seq.spec_k < 0:
             seq.spec_k = spec.num_speculative_tokens
-        if seq.spec_k == 0:  # drafts kept failing: try a single token again now and then
+        cap = policy.for_batch(policy.max_k, len(self.scheduler.running))
+        if cap == 0:
+            return 0
+        k = policy.worth(min(seq.spec_k, cap), policy.acceptance(seq.spec_hits, seq.spec_misses))
+        if k == 0:  # drafts failing or not paying: try one token now and then
             seq.spec_idle_steps += 1
-            if seq.spec_idle_steps < self.draft_policy.probe_interval:
+            if seq.spec_idle_steps < policy.probe_interval:
                 return 0
-            seq.spec_k, seq.spec_idle_steps = 1, 0
-        k = self.draft_policy.for_batch(seq.spec_k, len(self.scheduler.running))
+            seq.spec_k, seq.spec_idle_steps, k = max(seq.spec_k, 1), 0, 1
         return max(0, min(k, room))
 
     def _propose(self, scheduled: list[ScheduledSeq], noise: NoiseCache) -> dict[int, Draft]:
@@ -298,6 +314,8 @@ class LLMEngine:
             if draft is not None:
                 n_draft = len(draft.token_ids)
                 seq.spec_k = self.draft_policy.update(seq.spec_k, n_draft, n_acc)
+                seq.spec_hits, seq.spec_misses = self.draft_policy.observe(seq.spec_hits, seq.spec_misses,
+                                                                           n_draft, n_acc)
                 self.spec_stats.observe(n_draft, n_acc)
                 req.metrics.num_drafts += 1
                 req.metrics.num_draft_tokens += n_draft

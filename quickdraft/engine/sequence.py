@@ -46,7 +46,9 @@ class Sequence:
     # Speculative decoding: tokens whose keys/values the draft model has cached.
     num_draft_computed_tokens: int = 0
     spec_k: int = -1  # adaptive draft length (-1 = not started)
-    spec_idle_steps: int = 0  # steps without drafting while spec_k == 0
+    spec_idle_steps: int = 0  # steps without drafting while drafts are not worth it
+    spec_hits: float = 0.0  # discounted accepted draft tokens (adaptive.py)
+    spec_misses: float = 0.0  # discounted rejections
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -1,6 +1,23 @@
-"""Adaptive draft length: how many tokens to draft for a sequence, from its recent acceptance
-and the batch size. Any choice keeps outputs exact (greedy stays token-identical, sampling
-keeps the target law); it only decides how much verification work is spent on drafts."""
+"""Adaptive draft length: how many tokens to draft for a sequence, from its recent acceptance,
+what verification costs on this machine, and the batch size. Any choice keeps outputs exact
+(greedy stays token-identical, sampling keeps the target law); it only decides how much
+verification work is spent on drafts.
+
+Two limits, the smaller wins:
+
+* the run-length rule (``update``): double k after a fully accepted draft, halve it after a
+  full miss, else one past the accepted run;
+* the cost rule (``worth``): with p the sequence's estimated probability that a draft token is
+  accepted given the previous one was, a draft of k tokens yields on average
+      E(k) = 1 + p + ... + p^k = (1 - p^(k+1)) / (1 - p)
+  tokens in a step that costs cost[k] plain steps (step_cost.py, measured at start). Drafting k
+  tokens is worth it only if E(k) / cost[k] > 1 (faster than plain decoding); among those, the
+  largest k within ``tolerance`` of the best ratio is taken (cost timings are noisy, and near a
+  tie the longer draft wins more when acceptance runs are long).
+
+p is a discounted count: after each verification, hits = decay * hits + accepted and
+misses = decay * misses + (1 if a draft token was rejected), p = (hits + 1) / (hits + misses + 2).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +29,10 @@ class DraftLengthPolicy:
     max_k: int
     probe_interval: int = 4  # steps without drafting before trying one token again
     rows_budget: int = 128  # verification rows per step (sum of k_i + 1) worth spending on drafts
+    step_cost: tuple[float, ...] | None = None  # cost[k], k = 0..max_k, in plain steps; None: free
+    decay: float = 0.8
+    tolerance: float = 0.05
+    fixed: bool = False  # draft_length_policy="fixed": always max_k, none of the rules below
 
     def update(self, k: int, drafted: int, accepted: int) -> int:
         """Next draft length after a verification of ``drafted`` tokens, ``accepted`` of them
@@ -27,3 +48,38 @@ class DraftLengthPolicy:
     def for_batch(self, k: int, batch_size: int) -> int:
         """Cap k so that a large batch does not spend its step verifying drafts."""
         return max(0, min(k, self.rows_budget // max(batch_size, 1) - 1))
+
+    def observe(self, hits: float, misses: float, drafted: int, accepted: int) -> tuple[float, float]:
+        """The sequence's discounted (hits, misses) after a verification."""
+        if drafted == 0:
+            return hits, misses
+        return self.decay * hits + accepted, self.decay * misses + (1.0 if accepted < drafted else 0.0)
+
+    @staticmethod
+    def acceptance(hits: float, misses: float) -> float:
+        return (hits + 1.0) / (hits + misses + 2.0)
+
+    @staticmethod
+    def expected_tokens(k: int, p: float) -> float:
+        """E(k): tokens a step emits on average with a k-token draft, p per token as above."""
+        return float(k + 1) if p >= 1.0 else (1.0 - p ** (k + 1)) / (1.0 - p)
+
+    def worth(self, k: int, p: float) -> int:
+        """The draft length in [0, k] that the cost rule allows (0: plain decoding is faster)."""
+        if self.step_cost is None or k <= 0:
+            return max(k, 0)
+        k = min(k, len(self.step_cost) - 1)
+        ratios = [self.expected_tokens(j, p) / self.step_cost[j] for j in range(k + 1)]
+        best = max(ratios)
+        for j in range(k, 0, -1):
+            if ratios[j] > 1.0 and ratios[j] >= (1.0 - self.tolerance) * best:
+                return j
+        return 0
+
+    def break_even(self) -> float:
+        """The lowest acceptance p at which some draft length beats plain decoding (1.0: none)."""
+        lo, hi = 0.0, 1.0
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if self.worth(self.max_k, mid) > 0 else (mid, hi)
+        return hi

@@ -8,6 +8,7 @@ from typing import Any
 
 METHODS = ("ngram", "draft_model")
 REJECTION_SAMPLE_METHODS = ("coupled", "standard")
+DRAFT_LENGTH_POLICIES = ("adaptive", "fixed")
 DEFAULT_REJECTION_SAMPLE_METHOD = "coupled"  # chosen from benchmarks/coupling.py's figures (README)
 
 
@@ -25,6 +26,9 @@ class SpeculativeConfig:
         default: a GGUF draft runs as stored where the native integer kernels run), "gguf",
         "q8_0", "q4_0", or None / "none" (dequantized to draft_dtype).
     disable_by_batch_size: no drafting while at least this many sequences are running.
+    draft_length_policy: "adaptive" (the default: per sequence, from its recent acceptance and
+        the verification cost measured at start, never drafting where plain decoding is faster;
+        see adaptive.py) or "fixed" (always num_speculative_tokens, as vLLM does).
     rejection_sample_method: how a draft model's sampled drafts are drawn and verified:
         "coupled" (the draft samples with the target's per-position noise and is verified by
         sample-and-match: output identical to plain decoding with the same seed) or "standard"
@@ -41,6 +45,7 @@ class SpeculativeConfig:
     disable_by_batch_size: int | None = None
     rejection_sample_method: str | None = None
     quantization: str | None = "auto"
+    draft_length_policy: str = "adaptive"
 
     def __post_init__(self) -> None:
         k = self.num_speculative_tokens
@@ -83,6 +88,9 @@ class SpeculativeConfig:
             raise ValueError("rejection_sample_method='standard' applies to method='draft_model'; n-gram drafts are "
                              "point masses, always verified by sample-and-match ('coupled').")
         object.__setattr__(self, "rejection_sample_method", rsm)
+        if self.draft_length_policy not in DRAFT_LENGTH_POLICIES:
+            raise ValueError(f"draft_length_policy must be one of {list(DRAFT_LENGTH_POLICIES)}, "
+                             f"got {self.draft_length_policy!r}.")
         b = self.disable_by_batch_size
         if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
             raise ValueError(f"disable_by_batch_size must be a positive integer, got {b!r}.")

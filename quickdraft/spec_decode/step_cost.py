@@ -1,0 +1,60 @@
+"""What a speculative step costs, measured once at engine start.
+
+A step that drafts k tokens for a sequence and verifies them computes k + 1 target rows (plus, for
+a draft model, k one-row draft steps). How much more that costs than a plain one-row step depends
+on the kernels: little on a GPU or with float32 CPU kernels (memory-bound), about 20% a row with
+integer CPU kernels (compute-bound per row). The adaptive policy (adaptive.py) needs the ratios to
+know when a draft of expected length E pays for itself: E(k) / cost(k) > 1.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+from quickdraft.engine.block_manager import BlockManager
+from quickdraft.engine.model_runner import ModelRunner, SeqInput
+
+_CALIBRATION_SEQ = -1  # a block-table id no request uses
+CONTEXT = 128  # tokens in the cache while timing (a typical short chat)
+
+
+def _timed(runner: ModelRunner, inp: SeqInput) -> float:
+    t0 = time.perf_counter()
+    logits = runner.execute([inp])
+    float(logits[-1, 0])  # waits for the device
+    return time.perf_counter() - t0
+
+
+def measure_step_costs(runner: ModelRunner, block_manager: BlockManager, max_k: int,
+                       draft_runner: ModelRunner | None = None, repeats: int = 5) -> tuple[float, ...]:
+    """cost[k] for k = 0..max_k: seconds of a step that drafts k tokens and verifies them (k + 1
+    target rows, plus k one-row draft steps with a draft model) over seconds of a plain step, for
+    one sequence with CONTEXT tokens cached. Minimum of ``repeats`` interleaved timings per row
+    count (the least disturbed by other work on the machine); made non-decreasing in k."""
+    rows = max_k + 1
+    vocab = runner.model.cfg.vocab_size
+    ids = [(i * 7919) % (vocab - 10) + 10 for i in range(CONTEXT + rows)]
+    table = block_manager.grow_to(_CALIBRATION_SEQ, CONTEXT + rows)
+    try:
+        runner.execute([SeqInput(ids[:CONTEXT], 0, table, CONTEXT - 1)])
+        if draft_runner is not None:
+            draft_runner.execute([SeqInput(ids[:CONTEXT], 0, table, CONTEXT - 1)])
+        best = [float("inf")] * (rows + 1)
+        draft_best = float("inf")
+        for rnd in range(repeats + 1):  # round 0 only warms up
+            if rnd == 1:
+                best, draft_best = [float("inf")] * (rows + 1), float("inf")
+            for r in range(1, rows + 1):
+                best[r] = min(best[r], _timed(runner, SeqInput(ids[CONTEXT:CONTEXT + r], CONTEXT, table, 0)))
+            if draft_runner is not None:
+                draft_best = min(draft_best, _timed(draft_runner, SeqInput(ids[CONTEXT:CONTEXT + 1], CONTEXT,
+                                                                            table, 0)))
+    finally:
+        block_manager.free(_CALIBRATION_SEQ)
+    draft = draft_best / best[1] if draft_runner is not None else 0.0
+    costs: list[float] = []
+    for k in range(max_k + 1):
+        c = best[k + 1] / best[1] + k * draft
+        costs.append(max(c, costs[-1] if costs else 1.0))
+    return tuple(costs)
