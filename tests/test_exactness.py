@@ -51,17 +51,21 @@ def per_position(llm: LLM) -> list[int]:
 
 @pytest.fixture(scope="module", params=EXACT_PATHS, ids=lambda p: f"{p[0]}-{p[1] or 'dequantized'}")
 def engines(request, smollm2_gguf):
-    """(dtype, plain LLM, LLM with n-gram speculation) for each exact path."""
+    """(dtype, plain LLM, LLM with n-gram speculation, the same with k fixed) for each exact path."""
     dtype, quantization = request.param
     plain = LLM(str(smollm2_gguf), dtype=dtype, device="cpu", max_model_len=1024, quantization=quantization)
     spec = LLM(str(smollm2_gguf), dtype=dtype, device="cpu", max_model_len=1024, speculative_config=SPEC,
                quantization=quantization)
+    fixed = LLM(str(smollm2_gguf), dtype=dtype, device="cpu", max_model_len=1024,
+                speculative_config={**SPEC, "draft_length_policy": "fixed"}, quantization=quantization)
     assert plain.config.quantization == ("gguf" if quantization == "auto" else None) == spec.config.quantization
-    yield dtype, plain, spec
+    yield dtype, plain, spec, fixed
 
 
 def test_greedy_one_request_at_a_time_with_full_length_drafts(engines):
-    _, plain, spec = engines
+    """k = 5 drafts every step (the adaptive policy, run by the other tests here, may choose
+    shorter ones where the measured verification cost says so)."""
+    _, plain, _, spec = engines
     before = per_position(spec)
     for text in COPYING:
         want = plain.chat(chat(text), GREEDY, use_tqdm=False)[0].outputs[0].token_ids
@@ -73,7 +77,7 @@ def test_greedy_one_request_at_a_time_with_full_length_drafts(engines):
 
 
 def test_greedy_small_batch_with_full_length_drafts(engines):
-    _, plain, spec = engines
+    _, plain, _, spec = engines  # k fixed: the per-position counter below must reach k
     convs = [chat(t) for t in COPYING] + [chat(f"Tell me about {t} and repeat the key facts.") for t in TOPICS[:2]]
     before = per_position(spec)
     want = token_ids(plain.chat(convs, GREEDY, use_tqdm=False))
@@ -82,7 +86,7 @@ def test_greedy_small_batch_with_full_length_drafts(engines):
 
 
 def test_greedy_50_prompts_at_once(engines):
-    dtype, plain, spec = engines
+    dtype, plain, spec, _ = engines
     convs = [chat(f"Tell me about {TOPICS[i % 10]} and repeat the key facts {i}.") for i in range(50)]
     # bfloat16 runs on torch's kernels, ~5x slower at this batch size: fewer tokens keep it in budget
     params = SamplingParams(temperature=0, max_tokens=128 if dtype == "float32" else 64, ignore_eos=True)
@@ -98,12 +102,14 @@ def test_greedy_50_prompts_at_once(engines):
 def test_seeded_sampling_same_text_alone_and_in_a_batch_of_40(engines):
     """The case of issue 11: seed=1234, T=0.8, n-gram k=5, alone and inside a batch of 40 (where
     the adaptive policy drafts fewer tokens), with and without speculation (in the default
-    dtype; the tiny models' tests cover chunking and preemption)."""
-    _, plain, spec = engines
+    dtype; the tiny models' tests cover chunking and preemption). Alone with k = 5 every step
+    and with the adaptive policy; in the batch with the adaptive policy."""
+    _, plain, spec, fixed = engines
     target = chat(COPYING[1])
     sp = SamplingParams(temperature=0.8, max_tokens=64, seed=1234, ignore_eos=True)
     want = plain.chat(target, sp, use_tqdm=False)[0].outputs[0].token_ids
-    alone = spec.chat(target, sp, use_tqdm=False)[0]
+    assert spec.chat(target, sp, use_tqdm=False)[0].outputs[0].token_ids == want
+    alone = fixed.chat(target, sp, use_tqdm=False)[0]
     assert alone.outputs[0].token_ids == want and alone.metrics.num_accepted_tokens > 0
     others = [chat(f"Tell me about {TOPICS[i % 10]} and repeat the key facts {i}.") for i in range(39)]
     params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=64, seed=i, ignore_eos=True) for i in range(39)]

@@ -35,7 +35,12 @@ def _kv_memory(value: str) -> int | str:
 
 def _add_engine_args(p: argparse.ArgumentParser, *, seed_help: str | None) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's own)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model's own)")
+    g.add_argument("--revision", default=None, help="hub revision of the model (branch, tag or commit)")
+    g.add_argument("--tokenizer-revision", default=None, help="hub revision of --tokenizer")
+    g.add_argument("--download-dir", default=None,
+                   help="Hugging Face cache to read and download into (default: $HF_HUB_CACHE, $HF_HOME/hub)")
+    g.add_argument("--gguf-file", default=None, help="the GGUF file to load from a GGUF repo or folder")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float", "half",
                                                        "bf16", "fp16", "fp32"],
                    help="weights and activations dtype (auto: bfloat16 on CUDA, float32 on CPU)")
@@ -58,7 +63,9 @@ def _add_engine_args(p: argparse.ArgumentParser, *, seed_help: str | None) -> No
 
 def _llm_kwargs(args: argparse.Namespace, model: str | None, *, seed: int = 0,
                 disable_log_stats: bool = True) -> dict[str, Any]:
-    return dict(model=model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, seed=seed,
+    return dict(model=model, tokenizer=args.tokenizer, revision=args.revision,
+                tokenizer_revision=args.tokenizer_revision, download_dir=args.download_dir,
+                gguf_file=args.gguf_file, dtype=args.dtype, device=args.device, seed=seed,
                 quantization=args.quantization,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
@@ -81,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "/v1/chat/completions, /v1/models), /tokenize, /detokenize, /health and "
                                        "Prometheus /metrics. Without MODEL: the embedded SmolLM2-135M-Instruct.")
     serve.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                       help="HF folder, .gguf file or the default model's name")
+                       help="hub id (ORG/NAME, ORG/NAME:QUANT), HF folder, .gguf file or the default model's name")
     serve.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
     srv = serve.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -102,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for one prompt",
                          description="Generate a continuation of PROMPT (or a chat reply with --chat) and print it.")
     gen.add_argument("prompt", metavar="PROMPT")
-    gen.add_argument("--model", default=None, help="HF folder, .gguf file (default: the embedded SmolLM2)")
+    gen.add_argument("--model", default=None,
+                     help="hub id (ORG/NAME, ORG/NAME:QUANT), HF folder or .gguf file (default: the embedded SmolLM2)")
     gen.add_argument("--chat", action="store_true", help="treat PROMPT as a user message (model's chat template)")
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
     gen.add_argument("--stats", action="store_true", help="print tokens/s and draft acceptance to stderr")

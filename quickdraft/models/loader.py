@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from quickdraft.layers.quantization import QUANTIZATION_METHODS
 from quickdraft.models.default_model import DEFAULT_MODEL_NAME, default_model_path
+from quickdraft.models.hub import TOKENIZER_FILES, looks_like_repo_id, resolve_hub_model
 from quickdraft.models.llama import DecoderForCausalLM
 from quickdraft.models.model_config import ModelConfig
 from quickdraft.tokenizer import Tokenizer, load_hf_tokenizer
@@ -26,12 +27,22 @@ class LoadedModel:
     path: Path | None = None
 
 
-def resolve_model_path(model: str | Path | None) -> Path:
-    """A model argument -> an existing HF folder or GGUF file path (clear errors otherwise)."""
+def resolve_model_path(model: str | Path | None, *, revision: str | None = None,
+                       download_dir: str | Path | None = None, gguf_file: str | None = None) -> Path:
+    """A model argument -> an existing HF folder or GGUF file path: a local folder or .gguf file,
+    the embedded default, or a Hugging Face hub id (models/hub.py: cache first, then the hub;
+    ``revision``, ``download_dir`` and ``gguf_file`` apply there). Clear errors otherwise."""
     if model is None or str(model).lower() == DEFAULT_MODEL_NAME:
         return default_model_path()
     path = Path(model).expanduser()
     if path.is_dir():
+        if gguf_file is not None:
+            file = path / gguf_file
+            if not file.is_file() or file.suffix.lower() != ".gguf":
+                held = sorted(p.name for p in path.glob("*.gguf"))
+                raise FileNotFoundError(f"gguf_file={gguf_file!r} is not a .gguf file in {str(path)!r} "
+                                        f"(it holds: {', '.join(held) or 'no .gguf files'}).")
+            return file
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"Model folder {str(path)!r} has no config.json.")
         return path
@@ -39,9 +50,24 @@ def resolve_model_path(model: str | Path | None) -> Path:
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"Model file {str(path)!r} is not a .gguf file; pass a GGUF file or an HF folder.")
         return path
+    if looks_like_repo_id(str(model)):
+        return resolve_hub_model(str(model), revision=revision, download_dir=download_dir, gguf_file=gguf_file)
     raise FileNotFoundError(
-        f"Model {str(model)!r} not found: expected a Hugging Face model folder, a .gguf file, "
-        f"or {DEFAULT_MODEL_NAME!r}. quickdraft never downloads from a model hub.")
+        f"Model {str(model)!r} not found: expected a Hugging Face model folder, a .gguf file, a Hugging Face "
+        f"model id (ORG/NAME, or ORG/NAME:QUANT for a GGUF repo) or {DEFAULT_MODEL_NAME!r}.")
+
+
+def resolve_tokenizer_path(tokenizer: str | Path, *, revision: str | None = None,
+                           download_dir: str | Path | None = None) -> Path:
+    """A tokenizer argument -> a local folder with tokenizer files: a folder as given, or a hub
+    id (only the tokenizer files and chat template are fetched)."""
+    path = Path(tokenizer).expanduser()
+    if path.is_dir():
+        return path
+    if looks_like_repo_id(str(tokenizer)):
+        return resolve_hub_model(str(tokenizer), revision=revision, download_dir=download_dir, files=TOKENIZER_FILES)
+    raise FileNotFoundError(f"Tokenizer {str(tokenizer)!r} not found: expected a folder with tokenizer.json or a "
+                            f"Hugging Face model id.")
 
 
 def read_model_config(path: Path) -> dict[str, Any]:

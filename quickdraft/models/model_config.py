@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # architectures value -> flags of the shared decoder implementation.
@@ -12,6 +14,27 @@ SUPPORTED_ARCHITECTURES: dict[str, dict[str, bool]] = {
     "Qwen2ForCausalLM": {"qkv_bias": True, "qk_norm": False},
     "Qwen3ForCausalLM": {"qkv_bias": False, "qk_norm": True},
 }
+
+
+def supported_architecture(cfg: dict[str, Any], name: str | None = None) -> str:
+    """The architecture of an HF config.json that quickdraft runs; a ValueError naming the
+    model's architectures otherwise (and its custom code, for repos with an auto_map)."""
+    archs = cfg.get("architectures") or []
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is not None:
+        return arch
+    what = f"Model {name!r}: architectures" if name else "Model architectures"
+    custom = ""
+    if cfg.get("auto_map"):
+        custom = (f" It needs custom code (auto_map in its config.json: {cfg['auto_map']}), which quickdraft "
+                  f"does not run.")
+    raise ValueError(f"{what} {archs} are not supported by quickdraft.{custom} "
+                     f"Supported architectures: {sorted(SUPPORTED_ARCHITECTURES)}.")
+
+
+def check_runnable(config_json: Path, name: str | None = None) -> None:
+    """supported_architecture() of a config.json file."""
+    supported_architecture(json.loads(Path(config_json).read_text()), name)
 
 
 @dataclass(frozen=True)
@@ -40,13 +63,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        archs = cfg.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise ValueError(
-                f"Model architectures {archs} are not supported by quickdraft. "
-                f"Supported architectures: {sorted(SUPPORTED_ARCHITECTURES)}."
-            )
+        arch = supported_architecture(cfg)
         flags = SUPPORTED_ARCHITECTURES[arch]
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])

@@ -20,7 +20,9 @@ class SpeculativeConfig:
     num_speculative_tokens: k >= 1, the most tokens drafted per step.
     prompt_lookup_min / prompt_lookup_max: n-gram lengths searched (ngram); both unset means 5
         and 5, one set means the other copies it.
-    model: the draft model (HF folder or GGUF with the target's vocabulary) for draft_model.
+    model: the draft model for draft_model, with the target's vocabulary: an HF folder, a GGUF
+        file, or a Hugging Face id (ORG/NAME, ORG/NAME:QUANT), as LLM(model=...).
+    revision: the draft's hub revision (branch, tag or commit) when ``model`` is a hub id.
     draft_dtype: the draft model's dtype (default: the target's).
     quantization: how the draft's weights are held, as ``LLM(quantization=...)``: "auto" (the
         default: a GGUF draft runs as stored where the native integer kernels run), "gguf",
@@ -41,6 +43,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int | None = None
     prompt_lookup_max: int | None = None
     model: str | None = None
+    revision: str | None = None
     draft_dtype: str | None = None
     disable_by_batch_size: int | None = None
     rejection_sample_method: str | None = None
@@ -58,8 +61,8 @@ class SpeculativeConfig:
             raise ValueError(f"speculative method must be one of {list(METHODS)}, got {method!r}.")
         object.__setattr__(self, "method", method)
         if method == "ngram":
-            if self.model is not None:
-                raise ValueError("speculative_config 'model' is only used with method='draft_model'.")
+            if self.model is not None or self.revision is not None:
+                raise ValueError("speculative_config 'model' and 'revision' are only used with method='draft_model'.")
             lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
             if lo is None and hi is None:
                 lo = hi = 5
