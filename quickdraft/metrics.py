@@ -38,6 +38,8 @@ def engine_metrics(engine: "LLMEngine") -> list[Metric]:
         Gauge("quickdraft:num_requests_running", float(len({s.request_id for s in sched.running}))),
         Gauge("quickdraft:num_requests_waiting", float(len({s.request_id for s in sched.waiting}))),
         Gauge("quickdraft:kv_cache_usage_perc", engine.block_manager.usage),
+        Counter("quickdraft:prefix_cache_queries", engine.block_manager.queries),
+        Counter("quickdraft:prefix_cache_hits", engine.block_manager.hits),
     ]
     stats = engine.spec_stats
     if stats is not None:

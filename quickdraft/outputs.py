@@ -88,3 +88,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = field(default=None)
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache

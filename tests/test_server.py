@@ -573,3 +573,31 @@ def test_cli_generate(tiny_checkpoint, tiny_llm, capsys):
     # --stream (in process) prints the same text; speculation does not change greedy output.
     assert main([*args, "--stream", "--speculative-config", json.dumps(NGRAM)]) == 0
     assert capsys.readouterr().out == exp + "\n"
+
+
+def test_prefix_cache_usage_and_metrics(server, client):
+    """A repeated prompt is served from the prefix cache: usage.prompt_tokens_details.cached_tokens
+    says how much (non-streaming and in the streamed usage chunk), the Prometheus counters move,
+    and the text equals the cold answer."""
+    prompt = " ".join(PROMPTS) * 3
+    before = server.metrics()
+    body = dict(model=NAME, prompt=prompt, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    cold = client.completions.create(**body)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    warm = client.completions.create(**body)
+    assert warm.choices[0].text == cold.choices[0].text
+    cached = warm.usage.prompt_tokens_details.cached_tokens
+    assert cached == (warm.usage.prompt_tokens - 1) // 16 * 16 > 0
+    stream = client.completions.create(**body, stream=True, stream_options={"include_usage": True})
+    last = list(stream)[-1]
+    assert last.usage.prompt_tokens_details.cached_tokens == cached
+    msgs = [{"role": "user", "content": prompt}]
+    client.chat.completions.create(model=NAME, messages=msgs, max_tokens=4, temperature=0)
+    chat = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=4, temperature=0)
+    assert chat.usage.prompt_tokens_details.cached_tokens > 0
+    after = server.metrics()
+    hits = ("quickdraft:prefix_cache_hits_total", ())
+    queries = ("quickdraft:prefix_cache_queries_total", ())
+    assert after[hits] - before.get(hits, 0) >= 2 * cached + chat.usage.prompt_tokens_details.cached_tokens
+    assert after[queries] - before.get(queries, 0) >= 3 * warm.usage.prompt_tokens  # three completions asked
+    assert wait_until(server.kv_free)

@@ -41,7 +41,7 @@ class LLMEngine:
         self.config = config
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(loaded.model, config.num_kv_blocks, config.block_size, config.dtype, config.device)
         eos = set(loaded.config.eos_token_ids)
@@ -189,6 +189,7 @@ class LLMEngine:
         logprobs = self._logprobs(sampled, emitted, logits, first_rows)
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
+            self._cache_blocks(item.seq)
         return self._postprocess(sampled, seq_drafts, emitted, accepted, logprobs, stream)
 
     def _lookahead(self, seq: Sequence) -> int:
@@ -310,6 +311,7 @@ class LLMEngine:
             seq.num_computed_tokens += n_acc
             kept = self.output_processor.append_tokens(seq, tokens, lps)
             seq.num_draft_computed_tokens = min(seq.num_draft_computed_tokens, seq.num_tokens - 1)
+            self._cache_blocks(seq)  # before a finish frees the blocks: they stay findable
             self.num_generation_tokens_total += kept
             if draft is not None:
                 n_draft = len(draft.token_ids)
@@ -336,14 +338,29 @@ class LLMEngine:
             return [done.get(rid) or self.output_processor.make_output(req) for rid, req in updated.items()]
         return finished
 
+    def _cache_blocks(self, seq: Sequence) -> None:
+        """Name the sequence's blocks that verified tokens now fill (prefix caching); only
+        computed, verified tokens count, never drafts that may be rejected."""
+        bm = self.block_manager
+        if bm.enable_prefix_caching:
+            bm.register(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            if self.proposer is not None:
+                bm.mark_draft_valid(seq.seq_id, min(seq.num_draft_computed_tokens, seq.num_computed_tokens))
+
+    def reset_prefix_cache(self) -> bool:
+        return self.block_manager.reset_prefix_cache()
+
     def _maybe_log_stats(self, now: float) -> None:
         if self.config.disable_log_stats or now - self._last_log_time < self.log_interval_s:
             return
         self._last_log_time = now
         sched = self.scheduler
-        logger.info("Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, Prompt tokens: %d, "
-                    "Generation tokens: %d", len(sched.running), len(sched.waiting),
-                    100 * self.block_manager.usage, self.num_prompt_tokens_total, self.num_generation_tokens_total)
+        bm = self.block_manager
+        cache = (f", Prefix cache hit rate: {100 * bm.hits / bm.queries:.1f}%" if bm.queries
+                 else ", Prefix cache hit rate: -" if bm.enable_prefix_caching else "")
+        logger.info("Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%%s, Prompt tokens: %d, "
+                    "Generation tokens: %d", len(sched.running), len(sched.waiting), 100 * bm.usage, cache,
+                    self.num_prompt_tokens_total, self.num_generation_tokens_total)
         if self.spec_stats is not None:
             logger.info(self.spec_stats.log_line())
 

@@ -128,4 +128,4 @@ class OutputProcessor:
         req.metrics.num_generation_tokens = sum(len(o.token_ids) for o in outputs)
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
                              prompt_logprobs=req.prompt_logprobs, outputs=outputs, finished=req.is_finished,
-                             metrics=req.metrics)
+                             metrics=req.metrics, num_cached_tokens=req.seqs[0].num_cached_tokens)

@@ -3,7 +3,8 @@
 One token budget covers prefill and decode alike (vLLM v1 style): a sequence's uncomputed
 tokens are its prompt (a prefill, possibly in chunks) or its last sampled token (a decode).
 When KV blocks run out, the newest running sequence is preempted: its blocks are freed and it
-is recomputed from its tokens later, which gives the same output as without pressure.
+is recomputed from its tokens later, which gives the same output as without pressure. With
+prefix caching a sequence starts from the longest cached prefix of its tokens (block_manager.py).
 The scheduler does bookkeeping only; it never touches tensors.
 """
 
@@ -82,9 +83,19 @@ class Scheduler:
             return out  # no admissions in a step that had to preempt
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if bm.enable_prefix_caching and self._sibling_prefilling(seq):
+                break  # n > 1: the other samples take the prompt's blocks from the cache next step
+            cached = self._take_cached_prefix(seq) if seq.num_computed_tokens == 0 else 0
             n = min(seq.num_uncomputed_tokens, budget)
             if not bm.can_grow_to(seq.seq_id, seq.num_computed_tokens + n):
+                if cached:
+                    bm.free(seq.seq_id)
+                    seq.num_computed_tokens = seq.num_draft_computed_tokens = 0
                 break
+            if bm.enable_prefix_caching and seq.reads_prefix_cache:
+                bm.count_query(seq.num_tokens, cached)
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = cached
             self.waiting.popleft()
             bm.grow_to(seq.seq_id, seq.num_computed_tokens + n)
             seq.status = SequenceStatus.RUNNING
@@ -92,6 +103,26 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
         return out
+
+    def _take_cached_prefix(self, seq: Sequence) -> int:
+        """Start a sequence from the longest cached prefix of its tokens (prompt, and output
+        after a preemption); returns the tokens it covers. The draft model's KV counts as
+        computed only over the blocks that hold it."""
+        bm = self.block_manager
+        if not (bm.enable_prefix_caching and seq.reads_prefix_cache):
+            return 0
+        blocks, hashes = bm.lookup(seq.token_ids)
+        if not blocks:
+            return 0
+        bm.acquire_cached(seq.seq_id, blocks, hashes)
+        seq.num_computed_tokens = len(blocks) * bm.block_size
+        seq.num_draft_computed_tokens = bm.draft_valid_blocks(blocks) * bm.block_size
+        return seq.num_computed_tokens
+
+    def _sibling_prefilling(self, seq: Sequence) -> bool:
+        """Whether another sample of the same request is still computing its prompt."""
+        return seq.num_computed_tokens == 0 and any(
+            s.request_id == seq.request_id and s.num_computed_tokens < s.num_prompt_tokens for s in self.running)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -45,6 +45,7 @@ class Sequence:
     num_preemptions: int = 0
     # Speculative decoding: tokens whose keys/values the draft model has cached.
     num_draft_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache when first scheduled
     spec_k: int = -1  # adaptive draft length (-1 = not started)
     spec_idle_steps: int = 0  # steps without drafting while drafts are not worth it
     spec_hits: float = 0.0  # discounted accepted draft tokens (adaptive.py)
@@ -77,6 +78,11 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Prompt logprobs need every prompt row computed: such requests write the cache only."""
+        return self.params.prompt_logprobs is None
 
 
 @dataclass

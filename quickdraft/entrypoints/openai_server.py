@@ -16,7 +16,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -198,6 +198,7 @@ class OpenAIServing:
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.llm.model_config.vocab_size
         self.defaults = engine.get_default_sampling_params()
+        self.prefix_caching = engine.llm.config.enable_prefix_caching
 
     # -- checks ---------------------------------------------------------------------------------
     def model_name(self, requested: str | None) -> str:
@@ -321,9 +322,19 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens``: prompt tokens served from
+    the prefix cache (absent when prefix caching is off)."""
+    usage: dict = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                   "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return usage
+
+
+def _cached(outputs: Iterable[RequestOutput]) -> int | None:
+    counts = [o.num_cached_tokens for o in outputs]
+    return None if any(c is None for c in counts) else sum(counts)
 
 
 class _AbortingStreamingResponse(StreamingResponse):
@@ -431,6 +442,7 @@ async def create_completion(serving: OpenAIServing, body: CompletionRequest, req
         return Response(status_code=499)
     choices = []
     num_prompt = num_generated = 0
+    cached = _cached(results) if serving.prefix_caching else None
     for i, (p, out) in enumerate(zip(prompts, results)):
         num_prompt += len(out.prompt_token_ids)
         for o in out.outputs:
@@ -446,7 +458,8 @@ async def create_completion(serving: OpenAIServing, body: CompletionRequest, req
             choices.append({"index": i * params.n + o.index, "text": text, "logprobs": lp,
                             "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
     return JSONResponse({"id": base_id, "object": "text_completion", "created": created, "model": model,
-                         "choices": choices, "usage": _usage(num_prompt, num_generated), "system_fingerprint": None})
+                         "choices": choices, "usage": _usage(num_prompt, num_generated, cached),
+                         "system_fingerprint": None})
 
 
 async def _stream_completion(serving: OpenAIServing, body: CompletionRequest, group: RequestGroup,
@@ -465,6 +478,7 @@ async def _stream_completion(serving: OpenAIServing, body: CompletionRequest, gr
     offsets = [0] * num_choices
     done = [False] * num_choices
     prompt_tokens = {i: len(p.token_ids) for i, p in enumerate(prompts)}
+    cached: dict[int, int | None] = {}
     generated = [0] * num_choices
 
     def chunk(choice: dict, usage: dict | None = None) -> str:
@@ -474,7 +488,8 @@ async def _stream_completion(serving: OpenAIServing, body: CompletionRequest, gr
         return _sse(data)
 
     def usage_now() -> dict:
-        return _usage(sum(prompt_tokens.values()), sum(generated))
+        known = serving.prefix_caching and len(cached) == len(prompts) and None not in cached.values()
+        return _usage(sum(prompt_tokens.values()), sum(generated), sum(cached.values()) if known else None)
 
     try:
         if echo:  # the prompt first; its logprobs (computed by the engine) come with the first output
@@ -487,6 +502,7 @@ async def _stream_completion(serving: OpenAIServing, body: CompletionRequest, gr
         async for updates in group:
             for rid, out in updates.items():
                 i = index_of[rid]
+                cached[i] = out.num_cached_tokens
                 for o in out.outputs:
                     ci = i * n + o.index
                     if done[ci]:
@@ -566,7 +582,8 @@ async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionReq
             lp = {"content": chat_logprobs(o.token_ids, o.logprobs or [], serving.texts, top_n)}
         choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text, "tool_calls": []},
                         "logprobs": lp, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
-    usage = _usage(len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs))
+    usage = _usage(len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs),
+                   out.num_cached_tokens if serving.prefix_caching else None)
     return JSONResponse({"id": base_id, "object": "chat.completion", "created": created, "model": model,
                          "choices": choices, "usage": usage, "system_fingerprint": None})
 
@@ -584,6 +601,7 @@ async def _stream_chat(serving: OpenAIServing, body: ChatCompletionRequest, grou
     generated = [0] * n
     done = [False] * n
     num_prompt = len(prompt.token_ids)
+    cached: int | None = None
 
     def chunk(choice: dict, usage: dict | None = None) -> str:
         data = {"id": base_id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -598,6 +616,8 @@ async def _stream_chat(serving: OpenAIServing, body: ChatCompletionRequest, grou
                          "finish_reason": None}, _usage(num_prompt, 0) if continuous else None)
         async for updates in group:
             for out in updates.values():
+                if serving.prefix_caching:
+                    cached = out.num_cached_tokens
                 for o in out.outputs:
                     j = o.index
                     if done[j]:
@@ -619,10 +639,10 @@ async def _stream_chat(serving: OpenAIServing, body: ChatCompletionRequest, grou
                               "logprobs": lp, "finish_reason": o.finish_reason if finished else None}
                     if finished:
                         choice["stop_reason"] = o.stop_reason
-                    yield chunk(choice, _usage(num_prompt, sum(generated)) if continuous else None)
+                    yield chunk(choice, _usage(num_prompt, sum(generated), cached) if continuous else None)
         if include_usage:
             yield _sse({"id": base_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [], "usage": _usage(num_prompt, sum(generated))})
+                        "choices": [], "usage": _usage(num_prompt, sum(generated), cached)})
     except Exception as e:  # noqa: BLE001
         err = _engine_failure(e)
         yield _sse(error_body(err.status, err.message))

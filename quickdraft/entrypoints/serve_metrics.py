@@ -26,6 +26,8 @@ _DOCS = {
     "quickdraft:num_requests_running": "Number of requests in model execution batches.",
     "quickdraft:num_requests_waiting": "Number of requests waiting to be processed.",
     "quickdraft:kv_cache_usage_perc": "KV-cache usage. 1 means 100 percent usage.",
+    "quickdraft:prefix_cache_queries": "Prefix cache queries, in terms of number of queried tokens.",
+    "quickdraft:prefix_cache_hits": "Prefix cache hits, in terms of number of cached tokens.",
     "quickdraft:spec_decode_num_drafts": "Number of spec decoding drafts.",
     "quickdraft:spec_decode_num_draft_tokens": "Number of draft tokens.",
     "quickdraft:spec_decode_num_accepted_tokens": "Number of accepted tokens.",
