@@ -39,6 +39,7 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/spec_decode.py
 	$(PY) benchmarks/coupling.py
+	$(PY) benchmarks/prefix_cache.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

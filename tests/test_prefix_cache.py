@@ -246,3 +246,17 @@ def test_eviction_under_a_tiny_kv_budget_preemption_and_no_leaks(tiny_checkpoint
         assert bm.num_free_blocks == bm.num_blocks and bm.num_allocated_blocks() == 0  # no leaks
     assert small.engine.scheduler.num_preemptions > 0
     assert bm.hits > 0 and 0 < bm.num_cached_blocks <= 8
+
+
+def test_cli_flag_turns_it_off(tiny_checkpoint):
+    from quickdraft.entrypoints import cli
+
+    args = cli.build_parser().parse_args(["generate", "x", "--no-enable-prefix-caching"])
+    assert cli._llm_kwargs(args, None)["enable_prefix_caching"] is False
+    args = cli.build_parser().parse_args(["serve"])
+    assert cli._llm_kwargs(args, None)["enable_prefix_caching"] is True
+    off = LLM(str(tiny_checkpoint("llama")), enable_prefix_caching=False, **TINY)
+    prompt = {"prompt_token_ids": _shared_prompts(1, 40)[0]}
+    for _ in range(2):
+        out = off.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0 and off.engine.block_manager.queries == 0

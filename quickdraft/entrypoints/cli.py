@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = {"throughput": "throughput.py", "spec": "spec_decode.py", "serve": "serve_load.py",
-              "coupling": "coupling.py"}
+              "coupling": "coupling.py", "prefix": "prefix_cache.py", "llamacpp": "vs_llamacpp.py"}
 
 
 def _json_dict(value: str) -> dict[str, Any]:
