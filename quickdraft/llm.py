@@ -54,7 +54,8 @@ class LLM:
     huggingface_hub: the local cache first, then the hub; ``revision``, ``download_dir``);
     "org/name-GGUF:Q4_K_M" or ``gguf_file=`` for a file of a GGUF repo; None for the embedded
     SmolLM2-135M-Instruct. ``tokenizer`` (and ``tokenizer_revision``): another tokenizer, by
-    folder or hub id. ``enable_prefix_caching`` (default on): a prompt whose leading KV blocks
+    folder or hub id. ``enable_prefix_caching`` (default: on where the native CPU kernels run, whose
+    rows do not depend on batching; torch's kernels elsewhere are not known to be): a prompt whose leading KV blocks
     were computed before (a shared system prompt, earlier chat turns) starts from them; outputs
     are bit-identical to a cold run (engine/block_manager.py).
 
@@ -71,7 +72,7 @@ class LLM:
                  disable_log_stats: bool = True, quantization: str | None = "auto",
                  revision: str | None = None, tokenizer_revision: str | None = None,
                  download_dir: str | Path | None = None, gguf_file: str | None = None,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool | None = None) -> None:
         spec = SpeculativeConfig.from_any(speculative_config)
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
@@ -140,7 +141,9 @@ class LLM:
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    block_size=block_size, num_kv_blocks=int(num_blocks),
                                    disable_log_stats=disable_log_stats, quantization=quant,
-                                   enable_prefix_caching=bool(enable_prefix_caching))
+                                   enable_prefix_caching=(loaded.model.native_decoder is not None
+                                                          if enable_prefix_caching is None
+                                                          else bool(enable_prefix_caching)))
         self.model_config = model_cfg
         self.model_path = path
         self.speculative_config = spec
