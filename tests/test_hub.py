@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -24,6 +23,7 @@ import pytest
 from quickdraft import LLM, SamplingParams
 from quickdraft.entrypoints import cli
 from quickdraft.models.hub import HubModelNotFoundError, pick_gguf, split_model_ref
+from test_server import wait_healthy
 
 KW = dict(dtype="float32", device="cpu", max_model_len=128, kv_cache_memory="4MiB")
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -225,16 +225,10 @@ def test_cli_serve_by_id(hub):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.2)
+        try:
+            wait_healthy(url, 120, alive=lambda: proc.poll() is None, poll=0.2)
+        except RuntimeError as e:
+            raise AssertionError(f"{e}: {proc.stderr.read() if proc.poll() is not None else ''}") from None
         assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["test-org/tiny"]
         r = httpx.post(f"{url}/v1/completions", json={"model": "test-org/tiny", "prompt": PROMPTS[1], "max_tokens": 12,
                                                       "temperature": 0, "ignore_eos": True}, timeout=60).json()

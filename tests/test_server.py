@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +33,23 @@ PROMPTS = ["def fibonacci(n):", "The quick brown fox", "import torch\nx = ", "| 
 REPO = Path(__file__).resolve().parent.parent
 
 
+def wait_healthy(url: str, timeout: float, alive: Callable[[], bool] = lambda: True, poll: float = 0.05) -> None:
+    """Poll ``url``/health until it answers 200; ``alive()`` false (a server process that
+    exited) or the timeout raises."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if not alive():
+            raise RuntimeError("the server exited before becoming healthy")
+        if time.time() > deadline:
+            raise RuntimeError("the server did not become healthy")
+        time.sleep(poll)
+
+
 class Server:
     """A uvicorn server for one LLM in a background thread, on a free port of 127.0.0.1."""
 
@@ -48,16 +66,7 @@ class Server:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("the server did not become healthy")
-            time.sleep(0.05)
+        wait_healthy(self.url, 60)
 
     def client(self, api_key: str = "unused", **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=120, **kw)

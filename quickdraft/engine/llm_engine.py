@@ -187,9 +187,10 @@ class LLMEngine:
         else:
             emitted, accepted = self._verify(sampled, seq_drafts, logits, first_rows, noise)
         logprobs = self._logprobs(sampled, emitted, logits, first_rows)
-        for item in sched.scheduled:
+        for item, samples in zip(sched.scheduled, samplers):
             item.seq.num_computed_tokens += item.num_tokens
-            self._cache_blocks(item.seq)
+            if not samples:  # a prompt chunk; sampling sequences are cached in _postprocess
+                self._cache_blocks(item.seq)
         return self._postprocess(sampled, seq_drafts, emitted, accepted, logprobs, stream)
 
     def _lookahead(self, seq: Sequence) -> int:
