@@ -260,3 +260,25 @@ def test_cli_flag_turns_it_off(tiny_checkpoint):
     for _ in range(2):
         out = off.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False)[0]
     assert out.num_cached_tokens == 0 and off.engine.block_manager.queries == 0
+
+
+def test_a_stop_inside_an_accepted_run_names_only_kept_blocks(tiny_checkpoint):
+    """Regression: a stop token early in a fully accepted run drops the run's later tokens,
+    whose keys and values were computed; with blocks of 2 tokens those crossed a block boundary
+    past the end of the kept text, and naming them failed. The draft is the target (every draft
+    accepted); each stop position is tried; the blocks of the kept text are then served warm."""
+    path = str(tiny_checkpoint("llama"))
+    spec = {"method": "draft_model", "model": path, "num_speculative_tokens": 5, "draft_length_policy": "fixed"}
+    on = LLM(path, block_size=2, speculative_config=spec, enable_prefix_caching=True, **TINY)
+    off = LLM(path, block_size=2, enable_prefix_caching=False, **TINY)
+    prompt = {"prompt_token_ids": _shared_prompts(1, 12, seed=8)[0]}
+    base = ids(off.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False))[0]
+    for j in range(2, 14):
+        if base[j] in base[:j]:
+            continue
+        sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop_token_ids=[base[j]])
+        got = on.generate(prompt, sp, use_tqdm=False)[0]
+        assert got.outputs[0].token_ids == base[:j + 1]
+        assert got.metrics.num_accepted_tokens > 0
+    bm = on.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and bm.hits > 0

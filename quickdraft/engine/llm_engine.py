@@ -311,6 +311,9 @@ class LLMEngine:
             # The accepted drafts' keys/values were computed by this step's forward pass.
             seq.num_computed_tokens += n_acc
             kept = self.output_processor.append_tokens(seq, tokens, lps)
+            # A stop inside an accepted run drops the tokens after it, whose keys and values were
+            # computed too: only those of tokens kept count.
+            seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)
             seq.num_draft_computed_tokens = min(seq.num_draft_computed_tokens, seq.num_tokens - 1)
             self._cache_blocks(seq)  # before a finish frees the blocks: they stay findable
             self.num_generation_tokens_total += kept
