@@ -103,8 +103,9 @@ class LLM:
                 raise ValueError(f"Target and draft model should have the same vocabulary size "
                                  f"(target {model_cfg.vocab_size}, draft {draft_cfg.vocab_size}).")
             if draft_cfg.max_position_embeddings < max_model_len:
-                raise ValueError(f"The draft model's context length {draft_cfg.max_position_embeddings} is "
-                                 f"shorter than max_model_len={max_model_len}.")
+                logging.getLogger("quickdraft").warning(
+                    "The draft model's context length %d is shorter than max_model_len=%d: sequences longer than "
+                    "that are decoded without drafts.", draft_cfg.max_position_embeddings, max_model_len)
             draft_dtype = resolve_dtype(spec.draft_dtype or torch_dtype, dev)
         if (spec is not None and dev.type == "cpu" and torch_dtype != torch.float32
                 and not cpu_bf16_batch_invariant()):
@@ -119,7 +120,8 @@ class LLM:
         draft = None
         if draft_path is not None:
             draft_quant = resolve_quantization(spec.quantization, draft_path, dev, draft_dtype)
-            draft = load_model(draft_path, tokenizer=None, dtype=draft_dtype, device=dev, max_positions=max_model_len,
+            draft = load_model(draft_path, tokenizer=None, dtype=draft_dtype, device=dev,
+                               max_positions=min(max_model_len, draft_cfg.max_position_embeddings),
                                config=draft_cfg, quantization=draft_quant)
         self.load_seconds = time.perf_counter() - t0
         per_block = ModelRunner.kv_bytes_per_block(model_cfg, block_size, torch_dtype)

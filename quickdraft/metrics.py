@@ -29,6 +29,14 @@ class Vector(Metric):
     values: list[int]
 
 
+@dataclass(frozen=True)
+class LabeledCounter(Metric):
+    """A counter per value of one label, e.g. {"request": 12, "global": 40} by ``source``."""
+
+    label: str
+    values: dict[str, int]
+
+
 def engine_metrics(engine: "LLMEngine") -> list[Metric]:
     sched = engine.scheduler
     out: list[Metric] = [
@@ -49,4 +57,9 @@ def engine_metrics(engine: "LLMEngine") -> list[Metric]:
             Counter("quickdraft:spec_decode_num_accepted_tokens", stats.num_accepted_tokens),
             Vector("quickdraft:spec_decode_num_accepted_tokens_per_pos", list(stats.accepted_per_pos)),
         ]
+        if engine.speculative_config.method == "suffix":
+            src = {name: stats.by_source.get(name, [0, 0, 0]) for name in ("request", "global")}
+            out += [LabeledCounter(f"quickdraft:spec_decode_suffix_{what}", "source",
+                                   {name: counts[i] for name, counts in src.items()})
+                    for i, what in enumerate(("num_drafts", "num_draft_tokens", "num_accepted_tokens"))]
     return out

@@ -113,3 +113,17 @@ def test_step_costs_measured_and_a_costly_draft_is_not_used(tiny_checkpoint):
     assert out.outputs[0].token_ids == want
     assert out.metrics.num_draft_tokens >= 3 * (out.metrics.num_drafts - 1)  # k each; the last may be cut short
     assert out.metrics.num_accepted_tokens == out.metrics.num_draft_tokens  # the draft is the target
+
+
+def test_trim_keeps_the_prefix_with_the_best_tokens_per_cost():
+    policy = DraftLengthPolicy(4, step_cost=(1.0, 1.2, 1.4, 1.6, 1.8))
+    # (1 + 0.9) / 1.2 = 1.58, (1 + 0.9 + 0.8) / 1.4 = 1.93, (2.7 + 0.1) / 1.6 = 1.75
+    assert policy.trim([0.9, 0.8, 0.1]) == 2
+    # capped by the sequence's record p = 0.5: 0.5, 0.25, 0.125 -> 1.25, 1.25 (no better), 1.16
+    assert policy.trim([0.9, 0.8, 0.1], p=0.5) == 1
+    assert policy.trim([]) == 0
+    # no length beats plain decoding
+    assert DraftLengthPolicy(2, step_cost=(1.0, 2.0, 3.0)).trim([0.5, 0.2]) == 0
+    # fixed, or no measured costs: the whole draft
+    assert DraftLengthPolicy(4, fixed=True).trim([0.01, 0.01]) == 2
+    assert DraftLengthPolicy(4).trim([0.01, 0.01]) == 2

@@ -8,7 +8,7 @@ for which the engine claims it: the default (the GGUF's blocks as stored, on the
 of the instruction set the CPU has), float32 dequantized (the native float kernels), and bfloat16
 where torch's bf16 kernels were found batch-invariant (AVX2 CPUs without AVX-512/AMX; elsewhere
 the engine warns instead, see test_bfloat16_speculation_warns_where_it_is_not_exact). A draft
-model is checked in the default path too.
+model and suffix decoding are checked in the default path too.
 """
 
 from __future__ import annotations
@@ -160,3 +160,32 @@ def test_bfloat16_speculation_warns_where_it_is_not_exact(smollm2_gguf, monkeypa
     with caplog.at_level(logging.WARNING, logger="quickdraft"):
         auto = LLM(str(smollm2_gguf), device="cpu", max_model_len=256, speculative_config=SPEC)
     assert str(auto.config.dtype) == "torch.float32" and "may differ" not in caplog.text
+
+
+@pytest.mark.parametrize("engines", EXACT_PATHS[:1], indirect=True, ids=["float32-auto"])
+def test_suffix_decoding_greedy_and_seeded_alone_and_batched(engines, smollm2_gguf):
+    """Suffix decoding in the default path: copying prompts alone (8-token drafts accepted
+    whole), then 24 similar requests in a batch, whose drafts come from the global trie too
+    (earlier answers), then seeded sampling alone and inside the batch."""
+    _, plain, _, _ = engines
+    k = 8
+    suffix = LLM(str(smollm2_gguf), device="cpu", max_model_len=1024, speculative_config={
+        "method": "suffix", "num_speculative_tokens": k, "draft_length_policy": "fixed"})
+    for text in COPYING:
+        want = plain.chat(chat(text), GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+        got = suffix.chat(chat(text), GREEDY, use_tqdm=False)[0]
+        assert got.outputs[0].token_ids == want and got.metrics.num_accepted_tokens > 0
+    assert per_position(suffix)[k - 1] > 0
+    convs = [chat(f"Tell me about {TOPICS[i % 10]} and repeat the key facts {i}.") for i in range(24)]
+    before = list(suffix.engine.spec_stats.by_source.get("global", [0, 0, 0]))
+    assert token_ids(suffix.chat(convs, GREEDY, use_tqdm=False)) == token_ids(plain.chat(convs, GREEDY,
+                                                                                         use_tqdm=False))
+    after = suffix.engine.spec_stats.by_source["global"]
+    assert after[0] > before[0] and after[2] > before[2]  # drafts from the global trie, accepted
+    sp = SamplingParams(temperature=0.8, max_tokens=64, seed=1234, ignore_eos=True)
+    want = plain.chat(chat(COPYING[1]), sp, use_tqdm=False)[0].outputs[0].token_ids
+    assert suffix.chat(chat(COPYING[1]), sp, use_tqdm=False)[0].outputs[0].token_ids == want
+    params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=64, seed=i, ignore_eos=True) for i in range(8)]
+    batch = suffix.chat(convs[:4] + [chat(COPYING[1])] + convs[4:8], params[:4] + [sp] + params[4:], use_tqdm=False)
+    assert batch[4].outputs[0].token_ids == want
+    assert token_ids(batch[:4] + batch[5:]) == token_ids(plain.chat(convs[:8], params, use_tqdm=False))

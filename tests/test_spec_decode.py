@@ -42,6 +42,12 @@ def ngram(k: int, **kw) -> dict:
     return {**NGRAM, "num_speculative_tokens": k, **kw}
 
 
+def suffix(k: int, **kw) -> dict:
+    """Suffix decoding allowed drafts up to 4x the matched length (vLLM's default is 1x), so that
+    short matches in these short prompts still draft the full k that the tests exercise."""
+    return {"method": "suffix", "num_speculative_tokens": k, "suffix_decoding_max_spec_factor": 4.0, **kw}
+
+
 def draft(path, k: int, **kw) -> dict:
     """A draft-model config with a fixed draft length: these drafts cost as much as the target
     (tiny models, overhead-bound), so the adaptive policy would rightly stop drafting, and these
@@ -314,10 +320,10 @@ GREEDY_48 = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("method", ["ngram", "suffix", "draft_model"])
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_greedy_with_speculation_equals_plain_greedy(arch, method, k, ckpt, plain, perturbed):
-    spec = ngram(k) if method == "ngram" else draft(perturbed(arch), k)
+    spec = spec_for(method, perturbed, k, arch=arch)
     prompts = repetitive_prompts(16, seed=k)
     expected = ids(gen(plain(arch), prompts, GREEDY_48))
     llm = make_llm(ckpt(arch), spec)
@@ -473,8 +479,8 @@ def assert_triple_law(outs, cells: dict[tuple[int, ...], float]) -> None:
     assert chi_square_pvalue(counts, probs) > LAW_ALPHA
 
 
-@pytest.mark.parametrize("method,quantization", [("ngram", None), ("standard", None), ("ngram", "q4_0"),
-                                                 ("standard", "q8_0")])
+@pytest.mark.parametrize("method,quantization", [("ngram", None), ("suffix", None), ("standard", None),
+                                                 ("ngram", "q4_0"), ("standard", "q8_0")])
 def test_sampling_law_with_speculation_equals_the_target_law(method, quantization, ckpt, perturbed):
     """The first three tokens follow the target's exact law (chi-square of 9 cells with 80%
     power against a 5% shift of a cell of mass 0.2). The coupled draft model needs no test of
@@ -485,7 +491,8 @@ def test_sampling_law_with_speculation_equals_the_target_law(method, quantizatio
     sliding window makes the continuation of the whole prompt too), so after t1 = c the lookup
     drafts [y, z], accepted often but far from always; other t1 get other drafts or none. Draft
     model (standard rejection sampler): the target's perturbed copy drafts; the request's
-    penalties, temperature and top-p shape both p and q. Also with the target quantized at load
+    penalties, temperature and top-p shape both p and q. Suffix decoding: the n-gram prompt, with
+    its global trie also learning from the samples that finish first. Also with the target quantized at load
     (the integer kernels): its law is then that of its own logits, from a plain quantized engine."""
     path = ckpt("mistral")
     if quantization is None:
@@ -493,7 +500,7 @@ def test_sampling_law_with_speculation_equals_the_target_law(method, quantizatio
     else:  # the law of the quantized target: its logits, from a plain quantized engine
         model = make_llm(path, quantization=quantization)
     rng = random.Random(11)
-    if method == "ngram":
+    if method in ("ngram", "suffix"):
         params = dict(temperature=0.6, top_k=40, presence_penalty=0.5, frequency_penalty=0.2)
         S = [rng.randrange(3, 384) for _ in range(30)]
         head: list[int] = []
@@ -523,16 +530,19 @@ SAMPLED = [dict(temperature=0.5, top_k=50), dict(temperature=0.8, top_p=0.8, pre
            dict(temperature=0.4, frequency_penalty=0.3, min_tokens=5, logit_bias={7: 2.0, 11: -3.0})]
 
 
-def spec_for(method: str, perturbed, k: int, **kw) -> dict:
-    """ngram, the coupled draft model (default) or the standard rejection sampler's draft model."""
+def spec_for(method: str, perturbed, k: int, arch: str = "mistral", **kw) -> dict:
+    """ngram, suffix, the coupled draft model (default) or the standard rejection sampler's
+    draft model (the perturbed copy of ``arch``)."""
     if method == "ngram":
         return ngram(k, **kw)
+    if method == "suffix":
+        return suffix(k, **kw)
     if method == "standard":
-        return draft(perturbed("mistral"), k, rejection_sample_method="standard", **kw)
-    return draft(perturbed("mistral"), k, **kw)
+        return draft(perturbed(arch), k, rejection_sample_method="standard", **kw)
+    return draft(perturbed(arch), k, **kw)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("method", ["ngram", "suffix", "draft_model"])
 def test_seeded_sampling_gives_the_same_text_with_and_without_speculation(method, ckpt, plain, perturbed):
     """Same seed, same text: each of 40 seeded requests (temperature, top-k/p, min-p, penalties,
     min_tokens, logit_bias) gives the text of plain decoding, alone, inside the batch of 40,
@@ -550,7 +560,7 @@ def test_seeded_sampling_gives_the_same_text_with_and_without_speculation(method
     assert ids(gen(llm, prompts, params)) == want
     chunked = make_llm(path, spec, max_num_batched_tokens=16)
     assert ids(gen(chunked, prompts[:8], params[:8])) == want[:8]
-    per_block = ModelRunner.kv_bytes_per_block(llm.model_config, 16, torch.float32) * (2 if method != "ngram" else 1)
+    per_block = ModelRunner.kv_bytes_per_block(llm.model_config, 16, torch.float32) * (2 if method == "draft_model" else 1)
     small = make_llm(path, spec, max_model_len=128, kv_cache_memory=12 * per_block)
     assert ids(gen(small, prompts[:8], params[:8])) == want[:8]
     for m in (spec_metrics(chunked), spec_metrics(small)):
@@ -563,7 +573,7 @@ def test_seeded_sampling_gives_the_same_text_with_and_without_speculation(method
         assert_no_leaks(x)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("method", ["ngram", "suffix", "draft_model"])
 def test_token_options_under_speculation_equal_plain(method, ckpt, plain, perturbed):
     """bad_words, allowed_token_ids, logit_bias and truncate_prompt_tokens are part of the law
     the drafts are verified against: greedy and seeded outputs equal plain decoding's."""
@@ -670,11 +680,11 @@ def test_max_tokens_inside_an_accepted_run_cuts_like_plain(same_draft, plain, ma
 
 # ---- logprobs, n > 1, preemption, mixed batches -------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("method", ["ngram", "suffix", "draft_model"])
 def test_greedy_logprobs_with_speculation_equal_plain(method, ckpt, plain, perturbed):
     path = ckpt("mistral")
     prompts = self_copy_prompts(path, 4, seed=41)
-    spec = ngram(4) if method == "ngram" else draft(perturbed("mistral"), 4)
+    spec = spec_for(method, perturbed, 4)
     llm = make_llm(path, spec)
     sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=3)
     for g, w in zip(gen(llm, prompts, sp), gen(plain("mistral"), prompts, sp)):
@@ -683,11 +693,11 @@ def test_greedy_logprobs_with_speculation_equal_plain(method, ckpt, plain, pertu
     assert m["drafts"] > 0 and m["accepted"] > 0
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("method", ["ngram", "suffix", "draft_model"])
 def test_n_greater_than_one_with_speculation(method, ckpt, perturbed):
     path = ckpt("mistral")
     prompt = self_copy_prompts(path, 1, seed=42)[0]
-    llm = make_llm(path, ngram(4) if method == "ngram" else draft(perturbed("mistral"), 4))
+    llm = make_llm(path, spec_for(method, perturbed, 4))
     sp = SamplingParams(n=4, temperature=0.5, max_tokens=24, seed=9, ignore_eos=True, logprobs=1)
     out = gen(llm, [prompt], sp)[0]
     assert [c.index for c in out.outputs] == [0, 1, 2, 3]
@@ -700,11 +710,11 @@ def test_n_greater_than_one_with_speculation(method, ckpt, perturbed):
     assert_no_leaks(llm)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("method", ["ngram", "suffix", "draft_model"])
 def test_preemption_under_a_tiny_kv_budget_gives_the_same_outputs(method, ckpt, perturbed):
     path = ckpt("mistral")
     prompts = self_copy_prompts(path, 8, seed=43, body=50, copy=20)
-    spec = ngram(3) if method == "ngram" else draft(perturbed("mistral"), 3)
+    spec = spec_for(method, perturbed, 3)
     big = make_llm(path, spec, max_model_len=128)
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     sampled = [SamplingParams(temperature=0.8, max_tokens=40, seed=100 + i, ignore_eos=True) for i in range(8)]
@@ -722,11 +732,11 @@ def test_preemption_under_a_tiny_kv_budget_gives_the_same_outputs(method, ckpt, 
     assert_no_leaks(small)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("method", ["ngram", "suffix", "draft_model"])
 def test_mixed_batch(method, ckpt, plain, perturbed):
     path = ckpt("mistral")
     prompts = self_copy_prompts(path, 5, seed=44)
-    spec = ngram(3) if method == "ngram" else draft(perturbed("mistral"), 3)
+    spec = spec_for(method, perturbed, 3)
     llm = make_llm(path, spec)
     params = [SamplingParams(temperature=0, max_tokens=20, logprobs=2, ignore_eos=True),
               SamplingParams(temperature=0.9, max_tokens=7, seed=3, ignore_eos=True),
@@ -753,13 +763,13 @@ def test_mixed_batch(method, ckpt, plain, perturbed):
     assert_no_leaks(llm)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("method", ["ngram", "suffix", "draft_model"])
 def test_tiny_token_budget_and_one_token_prompts(method, ckpt, plain, perturbed):
     """Chunked prefill with a 7-token budget (drafts squeezed by the budget), two sequences at a
     time, a one-token prompt (drafting from its prefill step) and prompt logprobs: as plain."""
     path = ckpt("mistral")
     prompts = self_copy_prompts(path, 3, seed=48) + [[77]]
-    spec = ngram(4) if method == "ngram" else draft(perturbed("mistral"), 4)
+    spec = spec_for(method, perturbed, 4)
     sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=1, prompt_logprobs=2)
     want = gen(plain("mistral"), prompts, sp)
     for kw in (dict(max_num_batched_tokens=7, max_num_seqs=2), dict()):
@@ -776,12 +786,11 @@ def test_tiny_token_budget_and_one_token_prompts(method, ckpt, plain, perturbed)
 
 # ---- disable_by_batch_size ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("method", ["ngram", "suffix", "draft_model"])
 def test_disable_by_batch_size(method, ckpt, plain, perturbed):
     path = ckpt("mistral")
     prompts = self_copy_prompts(path, 6, seed=45)
-    spec = ngram(3, disable_by_batch_size=4) if method == "ngram" else draft(perturbed("mistral"), 3,
-                                                                             disable_by_batch_size=4)
+    spec = spec_for(method, perturbed, 3, disable_by_batch_size=4)
     llm = make_llm(path, spec)
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     assert ids(gen(llm, prompts, sp)) == ids(gen(plain("mistral"), prompts, sp))
@@ -806,12 +815,12 @@ def test_disable_by_batch_size(method, ckpt, plain, perturbed):
 
 # ---- metrics ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("method", ["ngram", "suffix", "draft_model"])
 def test_metrics_are_consistent(method, ckpt, perturbed):
     k = 4
     path = ckpt("mistral")
     prompts = self_copy_prompts(path, 5, seed=46) + repetitive_prompts(3, seed=46)
-    spec = ngram(k) if method == "ngram" else draft(perturbed("mistral"), k)
+    spec = spec_for(method, perturbed, k)
     llm = make_llm(path, spec)
     params = [SamplingParams(temperature=0 if i % 2 else 0.8, seed=i, max_tokens=10 + 5 * i, ignore_eos=True)
               for i in range(len(prompts))]

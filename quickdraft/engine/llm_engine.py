@@ -25,9 +25,10 @@ from quickdraft.spec_decode.adaptive import DraftLengthPolicy
 from quickdraft.spec_decode.config import SpeculativeConfig
 from quickdraft.spec_decode.draft_model import DraftModelProposer
 from quickdraft.spec_decode.metrics import SpecDecodeStats
-from quickdraft.spec_decode.proposer import Draft, NgramProposer, Proposer
+from quickdraft.spec_decode.proposer import Draft, NgramProposer, Proposer, SuffixProposer
 from quickdraft.spec_decode.rejection_sampler import rejection_sample
 from quickdraft.spec_decode.step_cost import measure_step_costs
+from quickdraft.spec_decode.suffix import SuffixCache
 from quickdraft.tokenizer import encode_bad_words
 
 logger = logging.getLogger("quickdraft")
@@ -67,16 +68,24 @@ class LLMEngine:
             draft_runner = None
             if speculative_config.method == "ngram":
                 self.proposer = NgramProposer(speculative_config.prompt_lookup_min, speculative_config.prompt_lookup_max)
+            elif speculative_config.method == "suffix":
+                self.proposer = SuffixProposer(SuffixCache(
+                    speculative_config.suffix_decoding_max_tree_depth,
+                    speculative_config.suffix_decoding_max_cached_requests,
+                    speculative_config.suffix_decoding_max_spec_factor,
+                    speculative_config.suffix_decoding_min_token_prob))
             else:
                 assert draft is not None
                 draft_runner = ModelRunner(draft.model, config.num_kv_blocks, config.block_size,
                                            draft.model.embed_tokens.dtype, config.device)
+                draft_len = min(draft.config.max_position_embeddings, config.max_model_len)
                 self.proposer = DraftModelProposer(draft_runner, self.block_manager, self.eos_token_ids,
-                                                   speculative_config.rejection_sample_method)
+                                                   speculative_config.rejection_sample_method, draft_len)
             if speculative_config.draft_length_policy == "fixed":
                 self.draft_policy = DraftLengthPolicy(k, fixed=True)
             else:
-                costs = measure_step_costs(self.runner, self.block_manager, k, draft_runner)
+                costs = measure_step_costs(self.runner, self.block_manager, k, draft_runner,
+                                           max_len=getattr(self.proposer, "max_len", None))
                 self.draft_policy = DraftLengthPolicy(k, step_cost=costs)
                 logger.info("Speculative step cost (plain step = 1) by draft length 0..%d: %s; drafting pays "
                             "from an acceptance rate of %.2f", k, " ".join(f"{c:.2f}" for c in costs),
@@ -144,6 +153,8 @@ class LLMEngine:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
+                if self.proposer is not None:
+                    self.proposer.finish(seq)
         req.metrics.finished_time = time.time()
         return self.output_processor.make_output(req)
 
@@ -195,12 +206,12 @@ class LLMEngine:
 
     def _lookahead(self, seq: Sequence) -> int:
         """Draft slots a decoding sequence may use: k, within the context and the output budget
-        (the step also emits one token of its own), and none while the batch is too large."""
+        (the step also emits one token of its own) and the batch-size rules of the config, then
+        what the adaptive policy allows."""
         spec = self.speculative_config
-        limit = spec.disable_by_batch_size
-        if limit is not None and len(self.scheduler.running) >= limit:
-            return 0
-        room = min(self.config.max_model_len - seq.num_tokens, seq.max_output_tokens - seq.num_output_tokens) - 1
+        batch = len(self.scheduler.running)
+        room = min(self.config.max_model_len - seq.num_tokens, seq.max_output_tokens - seq.num_output_tokens,
+                   spec.draft_length_for_batch(batch) + 1) - 1
         if room <= 0:
             return 0
         policy = self.draft_policy
@@ -208,7 +219,7 @@ class LLMEngine:
             return min(policy.max_k, room)
         if seq.spec_k < 0:
             seq.spec_k = spec.num_speculative_tokens
-        cap = policy.for_batch(policy.max_k, len(self.scheduler.running))
+        cap = policy.for_batch(policy.max_k, batch)
         if cap == 0:
             return 0
         k = policy.worth(min(seq.spec_k, cap), policy.acceptance(seq.spec_hits, seq.spec_misses))
@@ -224,6 +235,13 @@ class LLMEngine:
         if not items:
             return {}
         proposals = self.proposer.propose([it.seq for it in items], [it.num_lookahead for it in items], noise)
+        policy = self.draft_policy
+        for it, d in zip(items, proposals):
+            if d.confidence is not None:
+                # Drafts that know their odds: the policy chose to draft (or to probe) this step;
+                # of what was drafted, verify only the prefix that pays most.
+                p = policy.acceptance(it.seq.spec_hits, it.seq.spec_misses)
+                del d.token_ids[max(1, policy.trim(d.confidence, p)):]
         return {it.seq.seq_id: d for it, d in zip(items, proposals) if d.token_ids}
 
     def _prepare(self, scheduled: list[ScheduledSeq], drafts: dict[int, Draft], now: float
@@ -322,7 +340,7 @@ class LLMEngine:
                 seq.spec_k = self.draft_policy.update(seq.spec_k, n_draft, n_acc)
                 seq.spec_hits, seq.spec_misses = self.draft_policy.observe(seq.spec_hits, seq.spec_misses,
                                                                            n_draft, n_acc)
-                self.spec_stats.observe(n_draft, n_acc)
+                self.spec_stats.observe(n_draft, n_acc, draft.source)
                 req.metrics.num_drafts += 1
                 req.metrics.num_draft_tokens += n_draft
                 req.metrics.num_accepted_tokens += n_acc
@@ -332,6 +350,8 @@ class LLMEngine:
             updated[req.request_id] = req
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
+                if self.proposer is not None:
+                    self.proposer.finish(seq)
                 if req.is_finished:
                     req.metrics.finished_time = now
                     finished.append(self.output_processor.make_output(req))

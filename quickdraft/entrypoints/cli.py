@@ -3,7 +3,7 @@
 
     quickdraft serve [MODEL] [--port 8000] [--speculative-config '{"method": "ngram", ...}']
     quickdraft generate "def fibonacci(n):" [--stream] [--chat] [--temperature 0] [--max-tokens 64]
-    quickdraft bench throughput|spec|serve|coupling [ARGS...]
+    quickdraft bench throughput|spec|serve|coupling|prefix|llamacpp|cross|suffix [ARGS...]
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = {"throughput": "throughput.py", "spec": "spec_decode.py", "serve": "serve_load.py",
-              "coupling": "coupling.py", "prefix": "prefix_cache.py", "llamacpp": "vs_llamacpp.py"}
+              "coupling": "coupling.py", "prefix": "prefix_cache.py", "llamacpp": "vs_llamacpp.py",
+              "cross": "cross_request.py", "suffix": "suffix_cache.py"}
 
 
 def _json_dict(value: str) -> dict[str, Any]:
@@ -130,10 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="run a benchmark from benchmarks/",
-                           description="Run benchmarks/throughput.py (throughput), benchmarks/spec_decode.py "
-                                       "(spec), benchmarks/serve_load.py (serve) or benchmarks/coupling.py "
-                                       "(coupling); the remaining arguments go to "
-                                       "the benchmark (e.g. `quickdraft bench serve -- --help`).")
+                           description="Run a script of benchmarks/: " + ", ".join(
+                               f"{script} ({name})" for name, script in BENCHMARKS.items())
+                           + "; the remaining arguments go to the benchmark (e.g. `quickdraft bench serve -- --help`).")
     bench.add_argument("name", choices=sorted(BENCHMARKS), metavar="{" + ",".join(BENCHMARKS) + "}")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=cmd_bench)

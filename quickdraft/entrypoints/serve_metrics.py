@@ -32,6 +32,9 @@ _DOCS = {
     "quickdraft:spec_decode_num_draft_tokens": "Number of draft tokens.",
     "quickdraft:spec_decode_num_accepted_tokens": "Number of accepted tokens.",
     "quickdraft:spec_decode_num_accepted_tokens_per_pos": "Accepted tokens per draft position.",
+    "quickdraft:spec_decode_suffix_num_drafts": "Suffix decoding drafts by the trie that supplied them.",
+    "quickdraft:spec_decode_suffix_num_draft_tokens": "Suffix decoding draft tokens by source trie.",
+    "quickdraft:spec_decode_suffix_num_accepted_tokens": "Suffix decoding accepted tokens by source trie.",
 }
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -50,6 +53,10 @@ class _EngineCollector(Collector):
                 fam = CounterMetricFamily(m.name, doc, labels=["model_name", "position"])
                 for pos, value in enumerate(m.values):
                     fam.add_metric([self.model_name, str(pos)], value)
+            elif isinstance(m, engine_metrics.LabeledCounter):
+                fam = CounterMetricFamily(m.name, doc, labels=["model_name", m.label])
+                for value, count in m.values.items():
+                    fam.add_metric([self.model_name, value], count)
             elif isinstance(m, engine_metrics.Counter):
                 fam = CounterMetricFamily(m.name, doc, labels=["model_name"])
                 fam.add_metric([self.model_name], m.value)

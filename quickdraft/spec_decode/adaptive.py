@@ -15,6 +15,9 @@ Two limits, the smaller wins:
   largest k within ``tolerance`` of the best ratio is taken (cost timings are noisy, and near a
   tie the longer draft wins more when acceptance runs are long).
 
+Drafts that know their own odds (suffix decoding's cumulative probabilities) are then cut by
+``trim`` to the prefix with the best expected tokens per cost.
+
 p is a discounted count: after each verification, hits = decay * hits + accepted and
 misses = decay * misses + (1 if a draft token was rejected), p = (hits + 1) / (hits + misses + 2).
 """
@@ -75,6 +78,26 @@ class DraftLengthPolicy:
             if ratios[j] > 1.0 and ratios[j] >= (1.0 - self.tolerance) * best:
                 return j
         return 0
+
+    def trim(self, probs: list[float], p: float | None = None) -> int:
+        """How much of a draft that knows its own odds to verify: the length j in
+        [0, len(probs)] that maximises (1 + probs[0] + ... + probs[j-1]) / cost[j], probs[i]
+        being the draft's estimate that its first i + 1 tokens are all accepted (suffix
+        decoding's cumulative empirical probabilities), each capped by p^(i+1) when the
+        sequence's record p is given. 0 when no length beats plain decoding."""
+        if self.fixed or self.step_cost is None:
+            return len(probs)
+        best_j, best, gain, q = 0, 1.0, 1.0, 1.0
+        for j in range(1, min(len(probs), len(self.step_cost) - 1) + 1):
+            c = probs[j - 1]
+            if p is not None:
+                q *= p
+                c = min(c, q)
+            gain += c
+            ratio = gain / self.step_cost[j]
+            if ratio > best * (1.0 + 1e-9):
+                best_j, best = j, ratio
+        return best_j
 
     def break_even(self) -> float:
         """The lowest acceptance p at which some draft length beats plain decoding (1.0: none)."""

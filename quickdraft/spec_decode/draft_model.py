@@ -13,6 +13,9 @@ position's draft keys and values live in the same slot as the target's. After ve
 draft's valid prefix is just a length (``Sequence.num_draft_computed_tokens``): rejected
 drafts' slots are overwritten later, and tokens the draft has not seen yet (the bonus token,
 or steps without drafting) are caught up at the start of its next proposal.
+
+A draft with a shorter context than the target (``max_len``) drafts only for sequences whose
+drafts still fit in it, as vLLM does; longer sequences decode plainly.
 """
 
 from __future__ import annotations
@@ -32,16 +35,25 @@ from quickdraft.spec_decode.proposer import Draft
 
 class DraftModelProposer:
     def __init__(self, runner: ModelRunner, block_manager: BlockManager, eos_token_ids: frozenset[int],
-                 method: str = "coupled") -> None:
+                 method: str = "coupled", max_len: int | None = None) -> None:
         assert method in ("coupled", "standard")
         self.runner = runner
+        self.max_len = max_len  # the draft's context: no proposals that would reach past it
+        self.num_skipped = 0  # proposals skipped because the sequence outgrew the draft's context
         self.block_manager = block_manager
         self.eos_token_ids = eos_token_ids
         self.coupled = method == "coupled"
 
+    def finish(self, seq: Seq) -> None:
+        pass
+
     def propose(self, seqs: Sequence[Seq], max_tokens: Sequence[int], noise: NoiseCache) -> list[Draft]:
         drafts = [Draft([], None) for _ in seqs]
         active = [i for i, k in enumerate(max_tokens) if k > 0]
+        if self.max_len is not None:  # the last draft token sits at position num_tokens + k - 1
+            fits = [i for i in active if seqs[i].num_tokens + max_tokens[i] <= self.max_len]
+            self.num_skipped += len(active) - len(fits)
+            active = fits
         if not active:
             return drafts
         q_rows: dict[int, list[torch.Tensor]] = {i: [] for i in active}

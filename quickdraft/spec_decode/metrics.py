@@ -22,16 +22,24 @@ class SpecDecodeStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)  # [k]: drafts accepted at position i
+    # Suffix decoding: per trie that supplied the draft ("request", "global"): [drafts, draft
+    # tokens, accepted tokens].
+    by_source: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.accepted_per_pos:
             self.accepted_per_pos = [0] * self.num_speculative_tokens
 
-    def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
+    def observe(self, num_draft_tokens: int, num_accepted: int, source: str | None = None) -> None:
         """One sequence's verification: ``num_accepted`` of ``num_draft_tokens`` drafts accepted
         (always a prefix, so positions 0..num_accepted-1 count as accepted)."""
         if num_draft_tokens == 0:
             return
+        if source is not None:
+            counts = self.by_source.setdefault(source, [0, 0, 0])
+            counts[0] += 1
+            counts[1] += num_draft_tokens
+            counts[2] += num_accepted
         self.num_drafts += 1
         self.num_draft_tokens += num_draft_tokens
         self.num_accepted_tokens += num_accepted
@@ -53,6 +61,8 @@ class SpecDecodeStats:
         rate = self.acceptance_rate
         mean = self.mean_acceptance_length
         per_pos = ", ".join(f"{r:.3f}" for r in self.per_position_rates())
+        sources = "".join(f", {name} trie: {d} drafts, {100 * a / t:.1f}% accepted"
+                          for name, (d, t, a) in sorted(self.by_source.items()))
         return (f"SpecDecoding metrics: Draft acceptance rate: {100 * (rate or 0):.1f}%, "
                 f"Mean acceptance length: {mean or 0:.2f}, Accepted: {self.num_accepted_tokens} tokens, "
-                f"Drafted: {self.num_draft_tokens} tokens, Per-position acceptance rate: {per_pos}")
+                f"Drafted: {self.num_draft_tokens} tokens, Per-position acceptance rate: {per_pos}{sources}")

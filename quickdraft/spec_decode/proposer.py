@@ -1,7 +1,8 @@
-"""The proposer interface and the n-gram (prompt lookup) proposer."""
+"""The proposer interface, and the n-gram (prompt lookup) and suffix-decoding proposers."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -10,18 +11,25 @@ import torch
 from quickdraft.engine.sequence import Sequence as Seq
 from quickdraft.sample.noise import NoiseCache
 from quickdraft.spec_decode.ngram import find_ngram_draft
+from quickdraft.spec_decode.suffix import SuffixCache
 
 
 @dataclass
 class Draft:
     token_ids: list[int]  # k' <= k drafted tokens (possibly none)
     probs: torch.Tensor | None  # [k', vocab] draft law q per token; None = a point mass given the noise
+    source: str | None = None  # suffix decoding: "request" or "global", the trie that supplied it
+    confidence: list[float] | None = None  # suffix decoding: P(first i + 1 tokens accepted), its estimate
 
 
 class Proposer(Protocol):
     def propose(self, seqs: Sequence[Seq], max_tokens: Sequence[int], noise: NoiseCache) -> list[Draft]:
         """Draft up to max_tokens[i] tokens to follow seqs[i].token_ids; ``noise`` holds the
         step's per-position randomness (see sample/noise.py)."""
+        ...
+
+    def finish(self, seq: Seq) -> None:
+        """The sequence finished or was aborted (proposers that learn from outputs keep them)."""
         ...
 
 
@@ -33,3 +41,34 @@ class NgramProposer:
                 ) -> list[Draft]:
         return [Draft(find_ngram_draft(s.token_ids, self.min_n, self.max_n, k) if k > 0 else [], None)
                 for s, k in zip(seqs, max_tokens)]
+
+    def finish(self, seq: Seq) -> None:
+        pass
+
+
+class SuffixProposer:
+    """Suffix decoding (suffix.py) over the engine's sequences. The tries catch up with a
+    sequence's new tokens when it next drafts or finishes; ``seconds`` and ``calls`` measure
+    what updating and drafting cost."""
+
+    def __init__(self, cache: SuffixCache) -> None:
+        self.cache = cache
+        self.seconds = 0.0
+        self.calls = 0
+
+    def propose(self, seqs: Sequence[Seq], max_tokens: Sequence[int], noise: NoiseCache | None = None
+                ) -> list[Draft]:
+        t0 = time.perf_counter()
+        out = []
+        for s, k in zip(seqs, max_tokens):
+            self.cache.update(s.seq_id, s.token_ids, s.num_prompt_tokens)
+            d = self.cache.speculate(s.seq_id, s.token_ids, k) if k > 0 else None
+            out.append(Draft(d.token_ids, None, d.source, d.probs) if d and d.token_ids else Draft([], None))
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+    def finish(self, seq: Seq) -> None:
+        t0 = time.perf_counter()
+        self.cache.finish(seq.seq_id, seq.token_ids, seq.num_prompt_tokens)
+        self.seconds += time.perf_counter() - t0

@@ -27,28 +27,31 @@ def _timed(runner: ModelRunner, inp: SeqInput) -> float:
 
 
 def measure_step_costs(runner: ModelRunner, block_manager: BlockManager, max_k: int,
-                       draft_runner: ModelRunner | None = None, repeats: int = 5) -> tuple[float, ...]:
+                       draft_runner: ModelRunner | None = None, repeats: int = 5,
+                       max_len: int | None = None) -> tuple[float, ...]:
     """cost[k] for k = 0..max_k: seconds of a step that drafts k tokens and verifies them (k + 1
     target rows, plus k one-row draft steps with a draft model) over seconds of a plain step, for
-    one sequence with CONTEXT tokens cached. Minimum of ``repeats`` interleaved timings per row
+    one sequence with CONTEXT tokens cached (fewer where ``max_len``, the shortest context of
+    target and draft, leaves no room for them). Minimum of ``repeats`` interleaved timings per row
     count (the least disturbed by other work on the machine); made non-decreasing in k."""
     rows = max_k + 1
     vocab = runner.model.cfg.vocab_size
-    ids = [(i * 7919) % (vocab - 10) + 10 for i in range(CONTEXT + rows)]
-    table = block_manager.grow_to(_CALIBRATION_SEQ, CONTEXT + rows)
+    context = CONTEXT if max_len is None else max(1, min(CONTEXT, max_len - rows))
+    ids = [(i * 7919) % (vocab - 10) + 10 for i in range(context + rows)]
+    table = block_manager.grow_to(_CALIBRATION_SEQ, context + rows)
     try:
-        runner.execute([SeqInput(ids[:CONTEXT], 0, table, CONTEXT - 1)])
+        runner.execute([SeqInput(ids[:context], 0, table, context - 1)])
         if draft_runner is not None:
-            draft_runner.execute([SeqInput(ids[:CONTEXT], 0, table, CONTEXT - 1)])
+            draft_runner.execute([SeqInput(ids[:context], 0, table, context - 1)])
         best = [float("inf")] * (rows + 1)
         draft_best = float("inf")
         for rnd in range(repeats + 1):  # round 0 only warms up
             if rnd == 1:
                 best, draft_best = [float("inf")] * (rows + 1), float("inf")
             for r in range(1, rows + 1):
-                best[r] = min(best[r], _timed(runner, SeqInput(ids[CONTEXT:CONTEXT + r], CONTEXT, table, 0)))
+                best[r] = min(best[r], _timed(runner, SeqInput(ids[context:context + r], context, table, 0)))
             if draft_runner is not None:
-                draft_best = min(draft_best, _timed(draft_runner, SeqInput(ids[CONTEXT:CONTEXT + 1], CONTEXT,
+                draft_best = min(draft_best, _timed(draft_runner, SeqInput(ids[context:context + 1], context,
                                                                             table, 0)))
     finally:
         block_manager.free(_CALIBRATION_SEQ)
