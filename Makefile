@@ -40,6 +40,7 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/spec_decode.py
 	$(PY) benchmarks/coupling.py
 	$(PY) benchmarks/prefix_cache.py
+	$(PY) benchmarks/suffix_cache.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

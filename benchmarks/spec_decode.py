@@ -2,7 +2,8 @@
 
 For each category (code editing, summarisation, table extraction, open-ended chat) it measures
 greedy generation of N tokens: quickdraft without speculation, with ngram prompt lookup for
-k = 3, 5, 8, and transformers without and with its prompt lookup decoding. Runs alternate (the
+k = 3, 5, 8, with suffix decoding (k = 16, vLLM's defaults otherwise), and transformers without
+and with its prompt lookup decoding. Runs alternate (the
 order rotates every repeat) and the table reports medians; speed-ups are ratios against the
 same engine without speculation. Times are end to end, prefill included; a second table gives
 the decode phase alone (after the first token), the part speculation speeds up, and a third
@@ -11,7 +12,10 @@ one token costs. Tokens per pass divided by the decode-phase speed-up is what a 
 average relative to a plain step on this machine. It also checks that every speculative output
 equals the plain one token for token.
 
-    python benchmarks/spec_decode.py [--repeats 5] [--max-tokens 128]
+Then it runs cross_request.py: workloads whose text repeats across requests (JSON extraction
+over many records, similar refactorings, an agent loop), plain vs ngram vs suffix decoding.
+
+    python benchmarks/spec_decode.py [--repeats 5] [--max-tokens 128] [--no-cross-request]
 """
 
 from __future__ import annotations
@@ -26,11 +30,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import cross_request  # noqa: E402
 from prompts import CATEGORIES  # noqa: E402
 
 from quickdraft import LLM, SamplingParams  # noqa: E402
+from quickdraft.spec_decode.suffix import SuffixCache  # noqa: E402
 
 KS = (3, 5, 8)
+
+
+def forget_earlier_outputs(llm: LLM) -> None:
+    """A fresh global trie for a suffix-decoding engine: this benchmark repeats the same prompt,
+    whose earlier answers would otherwise draft the next run's answer whole."""
+    c = llm.engine.proposer.cache
+    llm.engine.proposer.cache = SuffixCache(c.max_tree_depth, c.max_cached_requests, c.max_spec_factor,
+                                            c.min_token_prob)
 
 
 def main() -> None:
@@ -42,6 +56,7 @@ def main() -> None:
     ap.add_argument("--hf-lookup-tokens", type=int, default=5, help="transformers prompt_lookup_num_tokens")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--categories", nargs="*", default=list(CATEGORIES), choices=list(CATEGORIES))
+    ap.add_argument("--no-cross-request", action="store_true", help="skip the cross-request workloads")
     args = ap.parse_args()
 
     base = LLM(dtype=args.dtype, device=args.device)
@@ -50,6 +65,8 @@ def main() -> None:
     for k in KS:
         engines[f"ngram k={k}"] = LLM(dtype=args.dtype, device=args.device, speculative_config={
             "method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2, "prompt_lookup_max": 5})
+    engines["suffix"] = LLM(dtype=args.dtype, device=args.device, speculative_config={
+        "method": "suffix", "num_speculative_tokens": 16})
     tok = base.get_tokenizer()
     prompts = {c: tok.apply_chat_template([{"role": "user", "content": CATEGORIES[c]}], tokenize=True)
                for c in args.categories}
@@ -64,6 +81,8 @@ def main() -> None:
                                                                dtype=torch.float32).to(base.config.device, dtype).eval()
 
     def run_ours(llm: LLM, ids: list[int]):
+        if llm.speculative_config is not None and llm.speculative_config.method == "suffix":
+            forget_earlier_outputs(llm)  # every run starts cold, as the other engines' drafts do
         t0 = time.perf_counter()
         out = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
         return time.perf_counter() - t0, out
@@ -109,18 +128,22 @@ def main() -> None:
     head = f"{'category':<17} {'off tok/s':>9}"
     for k in KS:
         head += f" {'k=' + str(k):>14}"
-    head += f" {'hf off':>8} {'hf lookup':>15}  {'acc.rate/len (k=5)':>19} same"
+    head += f" {'suffix':>14} {'hf off':>8} {'hf lookup':>15}  {'acc.rate/len (k=5)':>19} {'suffix':>10} same"
     print(head)
     for cat, med, spec, identical, n, _ in rows:
         line = f"{cat:<17} {med['off']:>9.1f}"
         for k in KS:
             line += f" {med[f'ngram k={k}']:>7.1f} ({med[f'ngram k={k}'] / med['off']:.2f}x)"
+        line += f" {med['suffix']:>7.1f} ({med['suffix'] / med['off']:.2f}x)"
         if "hf off" in med:
             line += f" {med['hf off']:>8.1f} {med['hf lookup']:>7.1f} ({med['hf lookup'] / med['hf off']:.2f}x)"
-        m5 = spec["ngram k=5"]
-        rate = f"{m5.acceptance_rate:.2f}" if m5.acceptance_rate is not None else "-"
-        mlen = f"{m5.mean_acceptance_length:.2f}" if m5.mean_acceptance_length is not None else "-"
-        line += f"  {rate:>10}/{mlen:<8} {'yes' if identical else 'NO'}"
+        accs = []
+        for name in ("ngram k=5", "suffix"):
+            m = spec[name]
+            rate = f"{m.acceptance_rate:.2f}" if m.acceptance_rate is not None else "-"
+            mlen = f"{m.mean_acceptance_length:.2f}" if m.mean_acceptance_length is not None else "-"
+            accs.append(f"{rate}/{mlen}")
+        line += f"  {accs[0]:>19} {accs[1]:>10} {'yes' if identical else 'NO'}"
         print(line)
     print("\nDecode phase only (tokens after the first / time after the first token; the prefill, identical "
           "in every mode, excluded):")
@@ -142,6 +165,11 @@ def main() -> None:
             cost = per_pass / (dec[f"ngram k={k}"] / dec["off"])
             line += f" {per_pass:>6.2f} (cost {cost:.2f})"
         print(line)
+
+
+    if not args.no_cross_request:
+        print()
+        cross_request.main(["--repeats", str(min(args.repeats, 3)), "--max-tokens", str(args.max_tokens)])
 
 
 if __name__ == "__main__":
