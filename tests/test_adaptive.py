@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from quickdraft import LLM, SamplingParams
 from quickdraft.spec_decode.adaptive import DraftLengthPolicy
 
@@ -127,3 +129,27 @@ def test_trim_keeps_the_prefix_with_the_best_tokens_per_cost():
     # fixed, or no measured costs: the whole draft
     assert DraftLengthPolicy(4, fixed=True).trim([0.01, 0.01]) == 2
     assert DraftLengthPolicy(4).trim([0.01, 0.01]) == 2
+
+
+def test_in_a_batch_draft_rows_cost_every_sequence():
+    """T(R) = 4 + R (a step reads the weights, 4 row-times, then computes R rows): alone a draft
+    row costs 1/5 of a step; in a batch of 8 it slows all 8 sequences' step of 12 by 1/12, i.e.
+    8/12 of a plain step per sequence."""
+    row_time = tuple((r, 4.0 + r) for r in (1, 2, 4, 8, 16, 32))
+    policy = DraftLengthPolicy(3, step_cost=(1.0, 1.2, 1.4, 1.6), row_time=row_time)
+    assert policy.cost(2, 1) == 1.4
+    assert policy.cost(1, 8) == pytest.approx(1 + 8 * 1 / 12)
+    assert policy.cost(3, 8) == pytest.approx(1 + 8 * 3 / 12)
+    assert policy.cost(2, 40) == pytest.approx(1 + 40 * 2 / 44)  # extrapolated past 32 rows
+    # p = 0.6: alone E(1) / 1.2 = 1.33 pays; in the batch E(1) = 1.6 < 1.67 does not
+    assert policy.worth(3, 0.6, batch=1) > 0 and policy.worth(3, 0.6, batch=8) == 0
+    assert policy.trim([0.6, 0.4], batch=1) > 0 and policy.trim([0.6, 0.4], batch=8) == 0
+    assert policy.worth(3, 0.95, batch=8) > 0  # drafts accepted almost always still pay
+
+
+def test_row_times_are_measured_at_start(tiny_checkpoint):
+    llm = LLM(str(tiny_checkpoint("llama")), dtype="float32", device="cpu", max_model_len=256,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    rows = [r for r, _ in llm.engine.draft_policy.row_time]
+    times = [t for _, t in llm.engine.draft_policy.row_time]
+    assert rows == [1, 2, 4, 8, 16, 32, 64, 128] and times == sorted(times) and times[0] > 0

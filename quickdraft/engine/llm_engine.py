@@ -27,7 +27,7 @@ from quickdraft.spec_decode.draft_model import DraftModelProposer
 from quickdraft.spec_decode.metrics import SpecDecodeStats
 from quickdraft.spec_decode.proposer import Draft, NgramProposer, Proposer, SuffixProposer
 from quickdraft.spec_decode.rejection_sampler import rejection_sample
-from quickdraft.spec_decode.step_cost import measure_step_costs
+from quickdraft.spec_decode.step_cost import BATCH_ROWS, measure_row_times, measure_step_costs
 from quickdraft.spec_decode.suffix import SuffixCache
 from quickdraft.tokenizer import encode_bad_words
 
@@ -84,9 +84,14 @@ class LLMEngine:
             if speculative_config.draft_length_policy == "fixed":
                 self.draft_policy = DraftLengthPolicy(k, fixed=True)
             else:
-                costs = measure_step_costs(self.runner, self.block_manager, k, draft_runner,
-                                           max_len=getattr(self.proposer, "max_len", None))
-                self.draft_policy = DraftLengthPolicy(k, step_cost=costs)
+                max_len = getattr(self.proposer, "max_len", None)
+                costs = measure_step_costs(self.runner, self.block_manager, k, draft_runner, max_len=max_len)
+                # Steps of up to 128 rows, within the batch budget, the context and the KV cache.
+                room = min(config.max_model_len, config.num_kv_blocks * config.block_size)
+                rows = tuple(r for r in BATCH_ROWS if r <= min(config.max_num_batched_tokens, room // 2))
+                row_time = (measure_row_times(self.runner, self.block_manager, rows, max_len=room)
+                            if len(rows) > 1 else None)
+                self.draft_policy = DraftLengthPolicy(k, step_cost=costs, row_time=row_time)
                 logger.info("Speculative step cost (plain step = 1) by draft length 0..%d: %s; drafting pays "
                             "from an acceptance rate of %.2f", k, " ".join(f"{c:.2f}" for c in costs),
                             self.draft_policy.break_even())
@@ -222,7 +227,7 @@ class LLMEngine:
         cap = policy.for_batch(policy.max_k, batch)
         if cap == 0:
             return 0
-        k = policy.worth(min(seq.spec_k, cap), policy.acceptance(seq.spec_hits, seq.spec_misses))
+        k = policy.worth(min(seq.spec_k, cap), policy.acceptance(seq.spec_hits, seq.spec_misses), batch)
         if k == 0:  # drafts failing or not paying: try one token now and then
             seq.spec_idle_steps += 1
             if seq.spec_idle_steps < policy.probe_interval:
@@ -241,7 +246,7 @@ class LLMEngine:
                 # Drafts that know their odds: the policy chose to draft (or to probe) this step;
                 # of what was drafted, verify only the prefix that pays most.
                 p = policy.acceptance(it.seq.spec_hits, it.seq.spec_misses)
-                del d.token_ids[max(1, policy.trim(d.confidence, p)):]
+                del d.token_ids[max(1, policy.trim(d.confidence, p, len(self.scheduler.running))):]
         return {it.seq.seq_id: d for it, d in zip(items, proposals) if d.token_ids}
 
     def _prepare(self, scheduled: list[ScheduledSeq], drafts: dict[int, Draft], now: float

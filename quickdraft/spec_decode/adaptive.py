@@ -10,7 +10,8 @@ Two limits, the smaller wins:
 * the cost rule (``worth``): with p the sequence's estimated probability that a draft token is
   accepted given the previous one was, a draft of k tokens yields on average
       E(k) = 1 + p + ... + p^k = (1 - p^(k+1)) / (1 - p)
-  tokens in a step that costs cost[k] plain steps (step_cost.py, measured at start). Drafting k
+  tokens in a step that costs cost[k] plain steps (step_cost.py, measured at start; in a batch of
+  B the extra rows slow the step for all B sequences, see ``cost``). Drafting k
   tokens is worth it only if E(k) / cost[k] > 1 (faster than plain decoding); among those, the
   largest k within ``tolerance`` of the best ratio is taken (cost timings are noisy, and near a
   tie the longer draft wins more when acceptance runs are long).
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quickdraft.spec_decode.step_cost import step_time
+
 
 @dataclass(frozen=True)
 class DraftLengthPolicy:
@@ -36,6 +39,8 @@ class DraftLengthPolicy:
     decay: float = 0.8
     tolerance: float = 0.05
     fixed: bool = False  # draft_length_policy="fixed": always max_k, none of the rules below
+    # ((R, seconds), ...): a step of R rows (step_cost.measure_row_times); None: batch 1's costs
+    row_time: tuple[tuple[int, float], ...] | None = None
 
     def update(self, k: int, drafted: int, accepted: int) -> int:
         """Next draft length after a verification of ``drafted`` tokens, ``accepted`` of them
@@ -67,19 +72,30 @@ class DraftLengthPolicy:
         """E(k): tokens a step emits on average with a k-token draft, p per token as above."""
         return float(k + 1) if p >= 1.0 else (1.0 - p ** (k + 1)) / (1.0 - p)
 
-    def worth(self, k: int, p: float) -> int:
+    def cost(self, k: int, batch: int = 1) -> float:
+        """What drafting k tokens costs one of ``batch`` running sequences, in its plain steps.
+        Alone, the measured cost[k]. In a batch the step is shared: k more rows make the step of
+        B rows last T(B + k) / T(B) as long for all B sequences, so per sequence, in the batch's
+        plain-step throughput, 1 + B * (T(B + k) - T(B)) / T(B) (never below the alone cost)."""
+        alone = self.step_cost[k]
+        if batch <= 1 or self.row_time is None or k == 0:
+            return alone
+        t = step_time(self.row_time, batch)
+        return max(alone, 1.0 + batch * (step_time(self.row_time, batch + k) - t) / t)
+
+    def worth(self, k: int, p: float, batch: int = 1) -> int:
         """The draft length in [0, k] that the cost rule allows (0: plain decoding is faster)."""
         if self.step_cost is None or k <= 0:
             return max(k, 0)
         k = min(k, len(self.step_cost) - 1)
-        ratios = [self.expected_tokens(j, p) / self.step_cost[j] for j in range(k + 1)]
+        ratios = [self.expected_tokens(j, p) / self.cost(j, batch) for j in range(k + 1)]
         best = max(ratios)
         for j in range(k, 0, -1):
             if ratios[j] > 1.0 and ratios[j] >= (1.0 - self.tolerance) * best:
                 return j
         return 0
 
-    def trim(self, probs: list[float], p: float | None = None) -> int:
+    def trim(self, probs: list[float], p: float | None = None, batch: int = 1) -> int:
         """How much of a draft that knows its own odds to verify: the length j in
         [0, len(probs)] that maximises (1 + probs[0] + ... + probs[j-1]) / cost[j], probs[i]
         being the draft's estimate that its first i + 1 tokens are all accepted (suffix
@@ -94,7 +110,7 @@ class DraftLengthPolicy:
                 q *= p
                 c = min(c, q)
             gain += c
-            ratio = gain / self.step_cost[j]
+            ratio = gain / self.cost(j, batch)
             if ratio > best * (1.0 + 1e-9):
                 best_j, best = j, ratio
         return best_j

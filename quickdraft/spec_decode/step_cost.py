@@ -61,3 +61,46 @@ def measure_step_costs(runner: ModelRunner, block_manager: BlockManager, max_k: 
         c = best[k + 1] / best[1] + k * draft
         costs.append(max(c, costs[-1] if costs else 1.0))
     return tuple(costs)
+
+
+BATCH_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def measure_row_times(runner: ModelRunner, block_manager: BlockManager, rows: tuple[int, ...] = BATCH_ROWS,
+                      repeats: int = 3, max_len: int | None = None) -> tuple[tuple[int, float], ...]:
+    """((R, seconds), ...): what a step of R rows costs, for the batch-size-aware costs of
+    adaptive.py (a batch of B sequences adds k draft rows to a step of B). Timed as R rows of
+    one sequence with CONTEXT tokens cached (a batch's rows share the weights the same way);
+    minimum of ``repeats`` after a warm-up round; made non-decreasing in R."""
+    vocab = runner.model.cfg.vocab_size
+    top = max(rows)
+    context = CONTEXT if max_len is None else max(1, min(CONTEXT, max_len - top))
+    ids = [(i * 7919) % (vocab - 10) + 10 for i in range(context + top)]
+    table = block_manager.grow_to(_CALIBRATION_SEQ, context + top)
+    best = {r: float("inf") for r in rows}
+    try:
+        runner.execute([SeqInput(ids[:context], 0, table, context - 1)])
+        for rnd in range(repeats + 1):
+            for r in rows:
+                t = _timed(runner, SeqInput(ids[context:context + r], context, table, 0))
+                if rnd:
+                    best[r] = min(best[r], t)
+    finally:
+        block_manager.free(_CALIBRATION_SEQ)
+    out: list[tuple[int, float]] = []
+    for r in sorted(rows):
+        out.append((r, max(best[r], out[-1][1] if out else 0.0)))
+    return tuple(out)
+
+
+def step_time(row_times: tuple[tuple[int, float], ...], rows: float) -> float:
+    """Seconds of a step of ``rows`` rows, interpolated linearly between measured row counts
+    (extrapolated from the last two beyond them)."""
+    pts = row_times
+    if rows <= pts[0][0]:
+        return pts[0][1]
+    for (r0, t0), (r1, t1) in zip(pts, pts[1:]):
+        if rows <= r1:
+            return t0 + (t1 - t0) * (rows - r0) / (r1 - r0)
+    (r0, t0), (r1, t1) = pts[-2], pts[-1]
+    return t1 + (t1 - t0) * (rows - r1) / (r1 - r0)
