@@ -44,8 +44,11 @@ def ngram(k: int, **kw) -> dict:
 
 def suffix(k: int, **kw) -> dict:
     """Suffix decoding allowed drafts up to 4x the matched length (vLLM's default is 1x), so that
-    short matches in these short prompts still draft the full k that the tests exercise."""
-    return {"method": "suffix", "num_speculative_tokens": k, "suffix_decoding_max_spec_factor": 4.0, **kw}
+    short matches in these short prompts still draft the full k that the tests exercise, with a
+    fixed draft length (the adaptive policy's choices depend on step costs timed at start; the
+    suffix-specific tests in test_suffix_engine.py run it)."""
+    return {"method": "suffix", "num_speculative_tokens": k, "suffix_decoding_max_spec_factor": 4.0,
+            "draft_length_policy": "fixed", **kw}
 
 
 def draft(path, k: int, **kw) -> dict:

@@ -117,7 +117,8 @@ def test_a_repeated_request_is_drafted_from_the_global_trie(tiny_checkpoint, pla
 def test_aborted_and_batched_requests_feed_the_global_trie(tiny_checkpoint, plain_llama):
     path = tiny_checkpoint("llama")
     prompts = repetitive_prompts(6, seed=3)
-    llm = make_llm(path, {"method": "suffix", "num_speculative_tokens": 6, "suffix_decoding_max_cached_requests": 4})
+    llm = make_llm(path, {"method": "suffix", "num_speculative_tokens": 6, "suffix_decoding_max_cached_requests": 4,
+                          "draft_length_policy": "fixed"})
     assert ids(gen(llm, prompts, GREEDY)) == ids(gen(plain_llama, prompts, GREEDY))
     cache = llm.engine.proposer.cache
     assert cache.num_cached_requests == 4  # the oldest two evicted
@@ -131,12 +132,15 @@ def test_aborted_and_batched_requests_feed_the_global_trie(tiny_checkpoint, plai
 
 
 def test_suffix_metrics_in_prometheus_and_the_log_line(tiny_checkpoint, caplog):
+    """With the default adaptive policy (and its cut by the drafts' odds): counters add up, and
+    greedy output is plain decoding's."""
     path = tiny_checkpoint("mistral")
     prompts = self_copy_prompts(path, 3, seed=5)
     llm = make_llm(path, {"method": "suffix", "num_speculative_tokens": 4}, disable_log_stats=False)
     llm.engine.log_interval_s = 0
     with caplog.at_level(logging.INFO, logger="quickdraft"):
-        gen(llm, prompts + prompts, GREEDY)
+        outs = gen(llm, prompts + prompts, GREEDY)
+    assert ids(outs) == ids(gen(make_llm(path), prompts + prompts, GREEDY))
     sm = suffix_metrics(llm)
     m = spec_metrics(llm)
     assert sum(sm["num_drafts"].values()) == m["drafts"] > 0
