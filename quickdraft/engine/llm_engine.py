@@ -157,9 +157,7 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
-                if self.proposer is not None:
-                    self.proposer.finish(seq)
+                self._finish(seq)
         req.metrics.finished_time = time.time()
         return self.output_processor.make_output(req)
 
@@ -354,9 +352,7 @@ class LLMEngine:
             req.metrics.last_token_time = now
             updated[req.request_id] = req
             if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
-                if self.proposer is not None:
-                    self.proposer.finish(seq)
+                self._finish(seq)
                 if req.is_finished:
                     req.metrics.finished_time = now
                     finished.append(self.output_processor.make_output(req))
@@ -366,6 +362,12 @@ class LLMEngine:
             done = {o.request_id: o for o in finished}
             return [done.get(rid) or self.output_processor.make_output(req) for rid, req in updated.items()]
         return finished
+
+    def _finish(self, seq: Sequence) -> None:
+        """Free a finished or aborted sequence; a proposer that learns from outputs keeps its own."""
+        self.scheduler.finish(seq)
+        if self.proposer is not None:
+            self.proposer.finish(seq)
 
     def _cache_blocks(self, seq: Sequence) -> None:
         """Name the sequence's blocks that verified tokens now fill (prefix caching); only

@@ -88,9 +88,8 @@ class SpeculativeConfig:
             set_keys = [f.name for f in fields(self) if f.name in SUFFIX_KEYS and getattr(self, f.name) != f.default]
             if set_keys:
                 raise ValueError(f"{set_keys} only apply to method='suffix' (method is {method!r}).")
-        else:
-            self._check_suffix_keys()
         if method == "suffix":
+            self._check_suffix_keys()
             if self.prompt_lookup_min is not None or self.prompt_lookup_max is not None:
                 raise ValueError("prompt_lookup_min/prompt_lookup_max only apply to method='ngram'.")
         elif method == "ngram":

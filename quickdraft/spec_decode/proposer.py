@@ -48,13 +48,12 @@ class NgramProposer:
 
 class SuffixProposer:
     """Suffix decoding (suffix.py) over the engine's sequences. The tries catch up with a
-    sequence's new tokens when it next drafts or finishes; ``seconds`` and ``calls`` measure
-    what updating and drafting cost."""
+    sequence's new tokens when it next drafts or finishes; ``seconds`` measures what updating
+    and drafting cost."""
 
     def __init__(self, cache: SuffixCache) -> None:
         self.cache = cache
         self.seconds = 0.0
-        self.calls = 0
 
     def propose(self, seqs: Sequence[Seq], max_tokens: Sequence[int], noise: NoiseCache | None = None
                 ) -> list[Draft]:
@@ -65,7 +64,6 @@ class SuffixProposer:
             d = self.cache.speculate(s.seq_id, s.token_ids, k) if k > 0 else None
             out.append(Draft(d.token_ids, None, d.source, d.probs) if d and d.token_ids else Draft([], None))
         self.seconds += time.perf_counter() - t0
-        self.calls += 1
         return out
 
     def finish(self, seq: Seq) -> None:

@@ -10,7 +10,8 @@ know when a draft of expected length E pays for itself: E(k) / cost(k) > 1.
 from __future__ import annotations
 
 import time
-
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from quickdraft.engine.block_manager import BlockManager
 from quickdraft.engine.model_runner import ModelRunner, SeqInput
@@ -26,6 +27,24 @@ def _timed(runner: ModelRunner, inp: SeqInput) -> float:
     return time.perf_counter() - t0
 
 
+@contextmanager
+def _calibration(runners: list[ModelRunner], block_manager: BlockManager, rows: int,
+                 max_len: int | None) -> Iterator[tuple[list[int], list[int], int]]:
+    """(token ids, block table, context) for timing steps of up to ``rows`` rows after a cached
+    context of CONTEXT tokens (fewer where ``max_len`` leaves no room), which every runner has
+    computed; the blocks are freed afterwards."""
+    vocab = runners[0].model.cfg.vocab_size
+    context = CONTEXT if max_len is None else max(1, min(CONTEXT, max_len - rows))
+    ids = [(i * 7919) % (vocab - 10) + 10 for i in range(context + rows)]
+    table = block_manager.grow_to(_CALIBRATION_SEQ, context + rows)
+    try:
+        for r in runners:
+            r.execute([SeqInput(ids[:context], 0, table, context - 1)])
+        yield ids, table, context
+    finally:
+        block_manager.free(_CALIBRATION_SEQ)
+
+
 def measure_step_costs(runner: ModelRunner, block_manager: BlockManager, max_k: int,
                        draft_runner: ModelRunner | None = None, repeats: int = 5,
                        max_len: int | None = None) -> tuple[float, ...]:
@@ -35,14 +54,8 @@ def measure_step_costs(runner: ModelRunner, block_manager: BlockManager, max_k: 
     target and draft, leaves no room for them). Minimum of ``repeats`` interleaved timings per row
     count (the least disturbed by other work on the machine); made non-decreasing in k."""
     rows = max_k + 1
-    vocab = runner.model.cfg.vocab_size
-    context = CONTEXT if max_len is None else max(1, min(CONTEXT, max_len - rows))
-    ids = [(i * 7919) % (vocab - 10) + 10 for i in range(context + rows)]
-    table = block_manager.grow_to(_CALIBRATION_SEQ, context + rows)
-    try:
-        runner.execute([SeqInput(ids[:context], 0, table, context - 1)])
-        if draft_runner is not None:
-            draft_runner.execute([SeqInput(ids[:context], 0, table, context - 1)])
+    runners = [runner] if draft_runner is None else [runner, draft_runner]
+    with _calibration(runners, block_manager, rows, max_len) as (ids, table, context):
         best = [float("inf")] * (rows + 1)
         draft_best = float("inf")
         for rnd in range(repeats + 1):  # round 0 only warms up
@@ -53,8 +66,6 @@ def measure_step_costs(runner: ModelRunner, block_manager: BlockManager, max_k: 
             if draft_runner is not None:
                 draft_best = min(draft_best, _timed(draft_runner, SeqInput(ids[context:context + 1], context,
                                                                             table, 0)))
-    finally:
-        block_manager.free(_CALIBRATION_SEQ)
     draft = draft_best / best[1] if draft_runner is not None else 0.0
     costs: list[float] = []
     for k in range(max_k + 1):
@@ -72,21 +83,13 @@ def measure_row_times(runner: ModelRunner, block_manager: BlockManager, rows: tu
     adaptive.py (a batch of B sequences adds k draft rows to a step of B). Timed as R rows of
     one sequence with CONTEXT tokens cached (a batch's rows share the weights the same way);
     minimum of ``repeats`` after a warm-up round; made non-decreasing in R."""
-    vocab = runner.model.cfg.vocab_size
-    top = max(rows)
-    context = CONTEXT if max_len is None else max(1, min(CONTEXT, max_len - top))
-    ids = [(i * 7919) % (vocab - 10) + 10 for i in range(context + top)]
-    table = block_manager.grow_to(_CALIBRATION_SEQ, context + top)
     best = {r: float("inf") for r in rows}
-    try:
-        runner.execute([SeqInput(ids[:context], 0, table, context - 1)])
+    with _calibration([runner], block_manager, max(rows), max_len) as (ids, table, context):
         for rnd in range(repeats + 1):
             for r in rows:
                 t = _timed(runner, SeqInput(ids[context:context + r], context, table, 0))
                 if rnd:
                     best[r] = min(best[r], t)
-    finally:
-        block_manager.free(_CALIBRATION_SEQ)
     out: list[tuple[int, float]] = []
     for r in sorted(rows):
         out.append((r, max(best[r], out[-1][1] if out else 0.0)))

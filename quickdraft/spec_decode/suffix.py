@@ -291,6 +291,17 @@ class SuffixTrie:
         cu = self._new_node(c, seq[start], self._occ_seq[c], start)
         self._bump(c, cu, 1)
 
+    def _catch_up(self, node: int, e: int, tokens: list[int], i: int) -> tuple[int, int]:
+        """The place (node, e) of a sequence's string ending before position i, moved down the
+        nodes another occurrence may have stored on its virtual path since."""
+        edges = self._edges
+        while e:
+            c = edges.get(node * _STRIDE + tokens[i - e], _NONE)
+            if c == _NONE:
+                break
+            node, e = c, e - 1
+        return node, e
+
     def append(self, sid: int, token: int) -> None:
         """Count ``token`` appended to sequence ``sid`` (a new sequence starts empty)."""
         st = self._seqs.get(sid)
@@ -306,12 +317,8 @@ class SuffixTrie:
         for d in range(len(prev_nodes)):
             node, e = prev_nodes[d], prev_extras[d]
             if e:
-                # Another occurrence may have stored more of this string's path since.
-                while e and first[node] != _NONE:
-                    c = edges.get(node * _STRIDE + tokens[i - e], _NONE)
-                    if c == _NONE:
-                        break
-                    node, e = c, e - 1
+                if first[node] != _NONE:
+                    node, e = self._catch_up(node, e, tokens, i)
                 if e:  # still virtual: one more token of the same single occurrence
                     if d < depth_cap:
                         nodes.append(node)
@@ -359,11 +366,8 @@ class SuffixTrie:
             token = tokens[i]
             nodes, extras = [_ROOT], [0]
             for d, (node, e) in enumerate(zip(nodes_, extras_)):
-                while e > 0:
-                    c = edges.get(node * _STRIDE + tokens[i - e], _NONE)
-                    if c == _NONE:
-                        break
-                    node, e = c, e - 1
+                if e:
+                    node, e = self._catch_up(node, e, tokens, i)
                 if e == 0:
                     c = edges.get(node * _STRIDE + token, _NONE)
                     if c == _NONE:  # counted virtually: nothing stored
@@ -434,7 +438,6 @@ class SuffixCache:
         self.evict_budget = evict_budget
         self.global_trie = SuffixTrie(max_tree_depth) if max_cached_requests > 0 else None
         self._local: dict[int, SuffixTrie] = {}
-        self._seen: dict[int, int] = {}  # seq_id -> tokens counted so far (prompt + output)
         self._finished: deque[int] = deque()  # sequences whose output is cached, oldest first
         self._to_evict: deque[int] = deque()
 
@@ -446,11 +449,9 @@ class SuffixCache:
         local = self._local.get(seq_id)
         if local is None:
             local = self._local[seq_id] = SuffixTrie(self.max_tree_depth)
-            self._seen[seq_id] = 0
-        seen = self._seen[seq_id]
+        seen = local.num_tokens(0)
         if seen < len(token_ids):
             local.extend(0, token_ids[seen:])
-            self._seen[seq_id] = len(token_ids)
         self._update_global(seq_id, token_ids, num_prompt)
         self._evict_some()
 
@@ -476,7 +477,6 @@ class SuffixCache:
         """The sequence is done (finished or aborted): drop its own trie; its whole output
         stays in the global trie as one of the cached requests."""
         self._local.pop(seq_id, None)
-        self._seen.pop(seq_id, None)
         if self.global_trie is None:
             return
         self._update_global(seq_id, token_ids, num_prompt)
