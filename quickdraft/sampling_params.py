@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 _GREEDY_EPS = 1e-5
 # Above this, logits / temperature is uniform sampling for any practical purpose; the bound keeps
@@ -11,6 +13,81 @@ _GREEDY_EPS = 1e-5
 MAX_TEMPERATURE = 1e4
 MAX_SEED = 2**64 - 1
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
+
+
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the text a request generates (vLLM's ``StructuredOutputsParams``):
+    exactly one of ``json`` (a JSON schema, as a dict or its text), ``regex`` (the whole output
+    must match it), ``choice`` (the output is one of these strings), ``grammar`` (EBNF or Lark)
+    or ``json_object=True`` (any JSON object). ``disable_any_whitespace`` makes JSON compact
+    (no free whitespace between tokens); ``disable_additional_properties`` treats a schema's
+    objects as closed where it does not say otherwise."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one constraint of json, regex, choice, grammar "
+                             f"and json_object, got {', '.join(given) if given else 'none'}.")
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    schema = json.loads(self.json)
+                except ValueError as e:
+                    raise ValueError(f"structured_outputs.json is not valid JSON: {e}.") from None
+            else:
+                schema = self.json
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError(f"structured_outputs.json must be a JSON schema (an object), got {self.json!r}.")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise ValueError(f"structured_outputs.regex must be a non-empty string, got {self.regex!r}.")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise ValueError(f"structured_outputs.grammar must be a non-empty string, got {self.grammar!r}.")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not self.choice:
+                raise ValueError(f"structured_outputs.choice must be a non-empty list of strings, got {self.choice!r}.")
+            self.choice = list(self.choice)
+            bad = [c for c in self.choice if not isinstance(c, str) or not c]
+            if bad:
+                raise ValueError(f"structured_outputs.choice must hold non-empty strings, got {bad[0]!r}.")
+        if self.json_object not in (None, True, False):
+            raise ValueError(f"structured_outputs.json_object must be a boolean, got {self.json_object!r}.")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple[Any, ...]:
+        """What identifies the compiled grammar (the compile cache's key)."""
+        spec = getattr(self, self.kind)
+        if isinstance(spec, dict):
+            spec = json.dumps(spec, sort_keys=True)
+        elif isinstance(spec, list):
+            spec = tuple(spec)
+        return (self.kind, spec, self.disable_any_whitespace, self.disable_additional_properties)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StructuredOutputsParams":
+        """From a request's ``structured_outputs`` object; unknown keys name themselves."""
+        if not isinstance(d, dict):
+            raise ValueError(f"structured_outputs must be an object, got {d!r}.")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"structured_outputs has unknown field(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}.")
+        return cls(**d)
 
 
 @dataclass
@@ -25,7 +102,8 @@ class SamplingParams:
     ``logit_bias`` ({token id: bias}) is added to the logits; ``allowed_token_ids`` restricts
     sampling to those tokens; ``bad_words`` are never generated (their last token is banned
     wherever the output ends with the rest of the word); ``truncate_prompt_tokens=N`` keeps
-    only the last N prompt tokens.
+    only the last N prompt tokens. ``structured_outputs`` constrains the text to a JSON schema, a
+    regex, a choice or a grammar (StructuredOutputsParams; a dict of its fields also works).
     """
 
     n: int = 1
@@ -52,6 +130,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     # Derived at validation time; not part of the constructor.
     output_text_buffer_length: int = field(default=0, init=False, repr=False)
 
@@ -69,6 +148,11 @@ class SamplingParams:
             self.logit_bias = _int_keyed(self.logit_bias)
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams (or a dict of its fields), "
+                             f"got {self.structured_outputs!r}.")
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
         elif self.bad_words is not None:

@@ -25,10 +25,11 @@ from quickdraft.spec_decode.adaptive import DraftLengthPolicy
 from quickdraft.spec_decode.config import SpeculativeConfig
 from quickdraft.spec_decode.draft_model import DraftModelProposer
 from quickdraft.spec_decode.metrics import SpecDecodeStats
-from quickdraft.spec_decode.proposer import Draft, NgramProposer, Proposer, SuffixProposer
+from quickdraft.spec_decode.proposer import Draft, GrammarProposer, NgramProposer, Proposer, SuffixProposer
 from quickdraft.spec_decode.rejection_sampler import rejection_sample
 from quickdraft.spec_decode.step_cost import BATCH_ROWS, measure_row_times, measure_step_costs
 from quickdraft.spec_decode.suffix import SuffixCache
+from quickdraft.structured_output.manager import StructuredOutputManager
 from quickdraft.tokenizer import encode_bad_words
 
 logger = logging.getLogger("quickdraft")
@@ -51,6 +52,8 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, config.max_model_len)
+        self.structured = StructuredOutputManager(config.structured_outputs_backend, self.tokenizer,
+                                                  loaded.config.vocab_size, sorted(self.eos_token_ids))
         # Seeds for requests without one: reproducible from the engine seed and arrival order.
         self._seed_rng = random.Random(config.seed)
         self.requests: dict[str, Request] = {}
@@ -66,7 +69,9 @@ class LLMEngine:
             self.spec_stats = SpecDecodeStats(speculative_config.num_speculative_tokens)
             k = speculative_config.num_speculative_tokens
             draft_runner = None
-            if speculative_config.method == "ngram":
+            if speculative_config.method == "grammar":
+                self.proposer = GrammarProposer()
+            elif speculative_config.method == "ngram":
                 self.proposer = NgramProposer(speculative_config.prompt_lookup_min, speculative_config.prompt_lookup_max)
             elif speculative_config.method == "suffix":
                 self.proposer = SuffixProposer(SuffixCache(
@@ -81,7 +86,7 @@ class LLMEngine:
                 draft_len = min(draft.config.max_position_embeddings, config.max_model_len)
                 self.proposer = DraftModelProposer(draft_runner, self.block_manager, self.eos_token_ids,
                                                    speculative_config.rejection_sample_method, draft_len)
-            if speculative_config.draft_length_policy == "fixed":
+            if speculative_config.draft_length_policy == "fixed" or speculative_config.method == "grammar":
                 self.draft_policy = DraftLengthPolicy(k, fixed=True)
             else:
                 max_len = getattr(self.proposer, "max_len", None)
@@ -104,6 +109,8 @@ class LLMEngine:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         prompt_token_ids = self.validate_request(prompt_token_ids, params)
         bad_words = encode_bad_words(self.tokenizer, params.bad_words) if params.bad_words else []
+        so = params.structured_outputs
+        grammars = [self.structured.grammar_for(so) for _ in range(params.n)] if so is not None else [None] * params.n
         max_len = self.config.max_model_len
         room = max_len - len(prompt_token_ids)
         max_out = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -114,7 +121,7 @@ class LLMEngine:
             seq = Sequence(seq_id=self._next_seq_id, request_id=request_id, index=index,
                            prompt_token_ids=list(prompt_token_ids), params=params, seed=seed,
                            arrival_order=self._arrivals, max_output_tokens=max_out,
-                           bad_words_token_ids=bad_words)
+                           bad_words_token_ids=bad_words, grammar=grammars[index])
             self.output_processor.init_sequence(seq)
             self._next_seq_id += 1
             seqs.append(seq)
@@ -130,6 +137,8 @@ class LLMEngine:
         if params.truncate_prompt_tokens is not None:
             prompt_token_ids = prompt_token_ids[-params.truncate_prompt_tokens:]
         self.validate_prompt(prompt_token_ids)
+        if params.structured_outputs is not None:
+            self.structured.compile(params.structured_outputs)  # ValueError if it does not compile (cached)
         vocab = self.model_config.vocab_size
         for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
             bad = [t for t in ids if t >= vocab]
@@ -196,6 +205,10 @@ class LLMEngine:
                 first_rows.append(row + n_rows - 1 - (len(draft.token_ids) if draft else 0))
             row += n_rows
         seq_drafts = [drafts.get(s.seq_id) for s in sampled]
+        constrained = [(s.grammar, r, d.token_ids if d else []) for s, r, d in zip(sampled, first_rows, seq_drafts)
+                       if s.grammar is not None]
+        if constrained:  # the masked law at every position sampled or verified
+            self.structured.mask_rows(logits, constrained)
         if self.proposer is None or not any(seq_drafts):  # nothing to verify: plain sampling, same law
             emitted, accepted = self._sample(sampled, logits, first_rows, noise)
         else:
@@ -217,9 +230,20 @@ class LLMEngine:
                    spec.draft_length_for_batch(batch) + 1) - 1
         if room <= 0:
             return 0
+        forced = len(self.structured.forced(seq.grammar, room)) if seq.grammar is not None else 0
+        return max(forced, self._method_lookahead(seq, room, batch))
+
+    def _method_lookahead(self, seq: Sequence, room: int, batch: int) -> int:
+        """Draft slots the speculation method may use (a grammar's forced tokens aside)."""
+        spec = self.speculative_config
+        if spec.method == "grammar":
+            return 0
         policy = self.draft_policy
         if policy.fixed:
             return min(policy.max_k, room)
+        if self.proposer.drafts_know_odds:
+            # The draft's own odds decide its length (see _propose), within the batch's rows.
+            return max(0, min(policy.for_batch(policy.max_k, batch), room))
         if seq.spec_k < 0:
             seq.spec_k = spec.num_speculative_tokens
         cap = policy.for_batch(policy.max_k, batch)
@@ -237,15 +261,47 @@ class LLMEngine:
         items = [it for it in scheduled if it.num_lookahead > 0]
         if not items:
             return {}
-        proposals = self.proposer.propose([it.seq for it in items], [it.num_lookahead for it in items], noise)
+        seqs = [it.seq for it in items]
+        # A grammar's forced tokens come first; the method drafts what follows them.
+        forced = [self.structured.forced(s.grammar, it.num_lookahead) if s.grammar is not None else []
+                  for s, it in zip(seqs, items)]
+        proposals = self.proposer.propose(seqs, [it.num_lookahead - len(f) for it, f in zip(items, forced)],
+                                          noise, forced)
+        for s, f, d in zip(seqs, forced, proposals):
+            if f:
+                d.token_ids[:0] = f
+                if d.probs is not None:  # forced tokens: a point mass for the standard rule too
+                    d.probs = torch.cat([torch.nn.functional.one_hot(torch.tensor(f, device=d.probs.device),
+                                                                     d.probs.shape[1]).to(d.probs.dtype), d.probs])
+                if d.confidence is not None:
+                    d.confidence[:0] = [1.0] * len(f)
+                d.source = d.source or "grammar"
+            if s.grammar is not None and d.token_ids:
+                self._cut(d, self.structured.valid_prefix(s.grammar, d.token_ids))
         policy = self.draft_policy
         for it, d in zip(items, proposals):
-            if d.confidence is not None:
-                # Drafts that know their odds: the policy chose to draft (or to probe) this step;
-                # of what was drafted, verify only the prefix that pays most.
-                p = policy.acceptance(it.seq.spec_hits, it.seq.spec_misses)
-                del d.token_ids[max(1, policy.trim(d.confidence, p, len(self.scheduler.running))):]
+            if d.confidence is not None and d.token_ids:
+                # Drafts that know their odds: verify only the prefix that pays most, by the odds
+                # capped with the sequence's own record; when none pays, probe one token now and
+                # then so that the record can recover.
+                seq = it.seq
+                p = policy.acceptance(seq.spec_hits, seq.spec_misses)
+                keep = policy.trim(d.confidence, p, len(self.scheduler.running))
+                if keep == 0 and not policy.fixed:
+                    seq.spec_idle_steps += 1
+                    if seq.spec_idle_steps >= policy.probe_interval:
+                        seq.spec_idle_steps, keep = 0, 1
+                self._cut(d, keep)
         return {it.seq.seq_id: d for it, d in zip(items, proposals) if d.token_ids}
+
+    @staticmethod
+    def _cut(draft: Draft, n: int) -> None:
+        """Keep the first n tokens of a draft (and their laws and odds)."""
+        del draft.token_ids[n:]
+        if draft.confidence is not None:
+            del draft.confidence[n:]
+        if draft.probs is not None:
+            draft.probs = draft.probs[:n]
 
     def _prepare(self, scheduled: list[ScheduledSeq], drafts: dict[int, Draft], now: float
                  ) -> tuple[list[SeqInput], list[bool], list[bool]]:
@@ -331,7 +387,11 @@ class LLMEngine:
             req = self.requests[seq.request_id]
             # The accepted drafts' keys/values were computed by this step's forward pass.
             seq.num_computed_tokens += n_acc
+            if seq.grammar is not None:  # nothing follows the grammar's end
+                tokens = tokens[:self.structured.advance(seq.grammar, tokens)]
             kept = self.output_processor.append_tokens(seq, tokens, lps)
+            if seq.grammar is not None and seq.finish_reason is None and seq.grammar.is_terminated():
+                self.output_processor.finish(seq, "stop")  # its stop token kept (ignore_eos)
             # A stop inside an accepted run drops the tokens after it, whose keys and values were
             # computed too: only those of tokens kept count.
             seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)

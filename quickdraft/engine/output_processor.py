@@ -74,6 +74,12 @@ class OutputProcessor:
                 break
         return kept
 
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Finish a sequence for a reason found outside (its grammar ended), its text complete."""
+        seq.finish_reason, seq.stop_reason = reason, None
+        if seq.params.detokenize:
+            self._flush_text(seq, seq.num_tokens)
+
     def _flush_text(self, seq: Sequence, end: int) -> None:
         if seq.read_offset >= end:
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from quickdraft.outputs import Logprob, RequestMetrics
 from quickdraft.sampling_params import SamplingParams
@@ -50,6 +51,7 @@ class Sequence:
     spec_idle_steps: int = 0  # steps without drafting while drafts are not worth it
     spec_hits: float = 0.0  # discounted accepted draft tokens (adaptive.py)
     spec_misses: float = 0.0  # discounted rejections
+    grammar: Any = None  # structured outputs: its Grammar (structured_output/backend.py), else None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -35,7 +35,7 @@ from quickdraft.entrypoints.protocol import (ChatCompletionRequest, ChatMessage,
                                              DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest)
 from quickdraft.entrypoints.serve_metrics import CONTENT_TYPE, ServeMetrics
 from quickdraft.outputs import Logprob, RequestOutput
-from quickdraft.sampling_params import SamplingParams
+from quickdraft.sampling_params import SamplingParams, StructuredOutputsParams
 from quickdraft.tokenizer import Tokenizer
 
 logger = logging.getLogger("quickdraft.server")
@@ -220,6 +220,8 @@ class OpenAIServing:
         try:
             self.engine.validate_request(token_ids, params)
         except ValueError as e:
+            if params.structured_outputs is not None and "structured_outputs" in str(e):
+                raise APIError(400, str(e), param="response_format") from None
             raise _bad_request(e, default_param=param) from None
         return token_ids
 
@@ -242,6 +244,7 @@ class OpenAIServing:
         def pick(value: Any, default: Any) -> Any:
             return default if value is None else value
 
+        structured = _structured_outputs(body)
         try:
             return SamplingParams(
                 n=body.n, presence_penalty=pick(body.presence_penalty, 0.0),
@@ -256,7 +259,7 @@ class OpenAIServing:
                 spaces_between_special_tokens=body.spaces_between_special_tokens,
                 include_stop_str_in_output=body.include_stop_str_in_output, logit_bias=body.logit_bias,
                 allowed_token_ids=body.allowed_token_ids, bad_words=body.bad_words,
-                truncate_prompt_tokens=body.truncate_prompt_tokens)
+                truncate_prompt_tokens=body.truncate_prompt_tokens, structured_outputs=structured)
         except (ValueError, TypeError) as e:
             raise _bad_request(e) from None
 
@@ -538,6 +541,32 @@ async def _stream_completion(serving: OpenAIServing, body: CompletionRequest, gr
     yield "data: [DONE]\n\n"
 
 
+def _structured_outputs(body: CompletionRequest | ChatCompletionRequest) -> StructuredOutputsParams | None:
+    """The request's constraint: OpenAI's ``response_format`` (json_object, json_schema) or
+    vLLM's ``structured_outputs`` (extra_body), not both; a 400 naming the problem otherwise."""
+    fmt = body.response_format
+    fmt_type = None if fmt is None or fmt.type == "text" else fmt.type
+    if fmt_type is not None and body.structured_outputs is not None:
+        raise APIError(400, "Give either response_format or structured_outputs, not both.", param="response_format")
+    try:
+        if body.structured_outputs is not None:
+            return StructuredOutputsParams.from_dict(body.structured_outputs)
+        if fmt_type is None:
+            return None
+        if fmt_type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if fmt_type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+                raise APIError(400, "response_format of type 'json_schema' needs json_schema.schema.",
+                               param="response_format")
+            return StructuredOutputsParams(json=fmt.json_schema.json_schema)
+    except (ValueError, TypeError) as e:
+        raise APIError(400, str(e), param="structured_outputs" if body.structured_outputs is not None
+                       else "response_format") from None
+    raise APIError(400, f"response_format type must be 'text', 'json_object' or 'json_schema', got {fmt.type!r}.",
+                   param="response_format")
+
+
 # ---- chat completions ---------------------------------------------------------------------------
 async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionRequest, request: Request) -> Response:
     arrival = time.time()
@@ -545,9 +574,6 @@ async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionReq
     if body.chat_template is not None:
         raise APIError(400, "A chat template in the request is not accepted; the server uses the model's own.",
                        param="chat_template")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(400, f"response_format {body.response_format.type!r} is not supported; only 'text' is.",
-                       param="response_format")
     if body.tools and body.tool_choice != "none":
         raise APIError(400, "Tool calling is not supported.", param="tools")
     if body.top_logprobs is not None:

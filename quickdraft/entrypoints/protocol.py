@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class OpenAIBaseModel(BaseModel):
@@ -50,6 +50,9 @@ class _SamplingFields(OpenAIBaseModel):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM: {"json" | "regex" | "choice" | "grammar" | "json_object": ..., "disable_any_whitespace": ...}
+    structured_outputs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -75,9 +78,19 @@ class ChatMessage(OpenAIBaseModel):
     name: str | None = None
 
 
+class JsonSchemaResponseFormat(OpenAIBaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(OpenAIBaseModel):
+    """OpenAI's response_format: {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}."""
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     type: str
+    json_schema: JsonSchemaResponseFormat | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -86,7 +99,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
     # vLLM's extras.
@@ -132,3 +144,7 @@ class ErrorInfo(BaseModel):
 class ErrorResponse(BaseModel):
     error: ErrorInfo
 
+
+
+CompletionRequest.model_rebuild()
+ChatCompletionRequest.model_rebuild()

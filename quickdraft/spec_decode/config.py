@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-METHODS = ("ngram", "suffix", "draft_model")
+METHODS = ("ngram", "suffix", "draft_model", "grammar")
 SUFFIX_KEYS = ("suffix_decoding_max_tree_depth", "suffix_decoding_max_cached_requests",
                "suffix_decoding_max_spec_factor", "suffix_decoding_min_token_prob")
 REJECTION_SAMPLE_METHODS = ("coupled", "standard")
@@ -19,8 +19,9 @@ class SpeculativeConfig:
     """How to draft tokens for verification by the target model.
 
     method: "ngram" (prompt lookup), "suffix" (suffix decoding: suffix tries of this request's
-        text and of earlier requests' outputs, spec_decode/suffix.py) or "draft_model" (inferred
-        when ``model`` is given).
+        text and of earlier requests' outputs, spec_decode/suffix.py), "draft_model" (inferred
+        when ``model`` is given) or "grammar" (only the tokens a request's structured-output
+        grammar forces; the other methods draft those too, followed by their own draft).
     num_speculative_tokens: k >= 1, the most tokens drafted per step (16-32 is typical for suffix,
         whose drafts stop where its tries lose confidence).
     prompt_lookup_min / prompt_lookup_max: n-gram lengths searched (ngram); both unset means 5
@@ -107,6 +108,9 @@ class SpeculativeConfig:
                 raise ValueError(f"prompt_lookup_min={lo} must be <= prompt_lookup_max={hi}")
             object.__setattr__(self, "prompt_lookup_min", lo)
             object.__setattr__(self, "prompt_lookup_max", hi)
+        elif method == "grammar":
+            if self.prompt_lookup_min is not None or self.prompt_lookup_max is not None:
+                raise ValueError("prompt_lookup_min/prompt_lookup_max only apply to method='ngram'.")
         else:
             if not self.model:
                 raise ValueError("speculative_config needs 'model' (the draft model's path) for method='draft_model'.")

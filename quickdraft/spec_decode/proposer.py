@@ -23,9 +23,15 @@ class Draft:
 
 
 class Proposer(Protocol):
-    def propose(self, seqs: Sequence[Seq], max_tokens: Sequence[int], noise: NoiseCache) -> list[Draft]:
-        """Draft up to max_tokens[i] tokens to follow seqs[i].token_ids; ``noise`` holds the
-        step's per-position randomness (see sample/noise.py)."""
+    # Whether drafts carry ``confidence``: their length is then chosen per draft from it
+    # (engine ``_propose``), not from the sequence's acceptance history.
+    drafts_know_odds: bool
+
+    def propose(self, seqs: Sequence[Seq], max_tokens: Sequence[int], noise: NoiseCache,
+                after: Sequence[list[int]] | None = None) -> list[Draft]:
+        """Draft up to max_tokens[i] tokens to follow seqs[i].token_ids + after[i] (``after``:
+        tokens already drafted for it, a grammar's forced ones; not part of the returned draft);
+        ``noise`` holds the step's per-position randomness (see sample/noise.py)."""
         ...
 
     def finish(self, seq: Seq) -> None:
@@ -34,13 +40,16 @@ class Proposer(Protocol):
 
 
 class NgramProposer:
+    drafts_know_odds = False
+
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
 
-    def propose(self, seqs: Sequence[Seq], max_tokens: Sequence[int], noise: NoiseCache | None = None
-                ) -> list[Draft]:
-        return [Draft(find_ngram_draft(s.token_ids, self.min_n, self.max_n, k) if k > 0 else [], None)
-                for s, k in zip(seqs, max_tokens)]
+    def propose(self, seqs: Sequence[Seq], max_tokens: Sequence[int], noise: NoiseCache | None = None,
+                after: Sequence[list[int]] | None = None) -> list[Draft]:
+        after = after or [[] for _ in seqs]
+        return [Draft(find_ngram_draft(s.token_ids + a if a else s.token_ids, self.min_n, self.max_n, k)
+                      if k > 0 else [], None) for s, k, a in zip(seqs, max_tokens, after)]
 
     def finish(self, seq: Seq) -> None:
         pass
@@ -51,17 +60,19 @@ class SuffixProposer:
     sequence's new tokens when it next drafts or finishes; ``seconds`` measures what updating
     and drafting cost."""
 
+    drafts_know_odds = True
+
     def __init__(self, cache: SuffixCache) -> None:
         self.cache = cache
         self.seconds = 0.0
 
-    def propose(self, seqs: Sequence[Seq], max_tokens: Sequence[int], noise: NoiseCache | None = None
-                ) -> list[Draft]:
+    def propose(self, seqs: Sequence[Seq], max_tokens: Sequence[int], noise: NoiseCache | None = None,
+                after: Sequence[list[int]] | None = None) -> list[Draft]:
         t0 = time.perf_counter()
         out = []
-        for s, k in zip(seqs, max_tokens):
+        for s, k, a in zip(seqs, max_tokens, after or [[] for _ in seqs]):
             self.cache.update(s.seq_id, s.token_ids, s.num_prompt_tokens)
-            d = self.cache.speculate(s.seq_id, s.token_ids, k) if k > 0 else None
+            d = self.cache.speculate(s.seq_id, s.token_ids, k, a) if k > 0 else None
             out.append(Draft(d.token_ids, None, d.source, d.probs) if d and d.token_ids else Draft([], None))
         self.seconds += time.perf_counter() - t0
         return out
@@ -70,3 +81,17 @@ class SuffixProposer:
         t0 = time.perf_counter()
         self.cache.finish(seq.seq_id, seq.token_ids, seq.num_prompt_tokens)
         self.seconds += time.perf_counter() - t0
+
+
+class GrammarProposer:
+    """method="grammar": no drafts of its own; the engine drafts the tokens a request's grammar
+    forces (structured outputs) and nothing else."""
+
+    drafts_know_odds = False
+
+    def propose(self, seqs: Sequence[Seq], max_tokens: Sequence[int], noise: NoiseCache | None = None,
+                after: Sequence[list[int]] | None = None) -> list[Draft]:
+        return [Draft([], None) for _ in seqs]
+
+    def finish(self, seq: Seq) -> None:
+        pass

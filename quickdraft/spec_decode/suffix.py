@@ -462,12 +462,16 @@ class SuffixCache:
             if have < len(token_ids):
                 trie.extend(seq_id, token_ids[have:])
 
-    def speculate(self, seq_id: int, token_ids: Sequence[int], k: int) -> SuffixDraft:
-        """The best draft of at most k tokens to follow ``token_ids`` (``update`` it first)."""
+    def speculate(self, seq_id: int, token_ids: Sequence[int], k: int, after: Sequence[int] = ()) -> SuffixDraft:
+        """The best draft of at most k tokens to follow ``token_ids`` (``update`` it first), or
+        to follow ``token_ids + after`` when tokens not emitted yet (a grammar's forced ones)
+        come first."""
         local = self._local[seq_id]
-        draft = best_draft(local, local.active(0), k, self.max_spec_factor, self.min_token_prob, "request")
+        context = list(token_ids[-self.max_tree_depth:]) + list(after) if after else token_ids
+        places = local.suffix_places(context) if after else local.active(0)
+        draft = best_draft(local, places, k, self.max_spec_factor, self.min_token_prob, "request")
         if self.global_trie is not None:
-            other = best_draft(self.global_trie, self.global_trie.suffix_places(token_ids), k,
+            other = best_draft(self.global_trie, self.global_trie.suffix_places(context), k,
                                self.max_spec_factor, self.min_token_prob, "global", beat=draft.score)
             if other.token_ids:
                 draft = other

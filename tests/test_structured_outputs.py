@@ -1,0 +1,231 @@
+"""Structured outputs: every output obeys its constraint (jsonschema, choice, regex) on tiny random
+models (which never produce valid JSON by chance) and on SmolLM2, with both grammar backends and
+every speculation method; greedy and seeded output are token-identical with and without
+speculation, alone and batched; the law of a `choice` output equals the masked target law
+computed independently (transformers logits + our own mask from the choice strings)."""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+
+import jsonschema
+import pytest
+import torch
+import transformers
+
+from quickdraft import LLM, SamplingParams
+from quickdraft.sampling_params import StructuredOutputsParams
+from stats import chi_square_pvalue, powered_sample_size
+
+TINY_KW = dict(dtype="float32", device="cpu", max_model_len=256)
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-z]{1,6}$"},  # (xgrammar 0.2.9 lets maxLength strings hold raw control characters)
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "member": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["red", "blue"]}, "maxItems": 2},
+    },
+    "required": ["name", "age", "member", "tags"],
+    "additionalProperties": False,
+}
+REGEX = r"[a-c]{2,4}-\d{2}"
+CHOICES = ["yes", "no", "maybe later"]
+PROMPTS = ["def fibonacci(n):", "The quick brown fox", "| name | value |\n| alpha |", "Numbers: 0 1 2 3"]
+METHODS = {
+    "plain": None,
+    "grammar": {"method": "grammar", "num_speculative_tokens": 8},
+    "ngram": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+              "draft_length_policy": "fixed"},
+    "suffix": {"method": "suffix", "num_speculative_tokens": 8, "draft_length_policy": "fixed"},
+}
+
+
+def constraint(kind: str, compact: bool = True) -> StructuredOutputsParams:
+    if kind == "json":
+        return StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=compact)
+    if kind == "regex":
+        return StructuredOutputsParams(regex=REGEX)
+    return StructuredOutputsParams(choice=CHOICES)
+
+
+def check(kind: str, text: str) -> None:
+    if kind == "json":
+        jsonschema.validate(json.loads(text), SCHEMA)
+    elif kind == "regex":
+        assert re.fullmatch(REGEX, text), text
+    else:
+        assert text in CHOICES, text
+
+
+# ---- the parameters ------------------------------------------------------------------------------
+def test_exactly_one_constraint_and_errors_name_the_problem():
+    with pytest.raises(ValueError, match="exactly one .* got json, regex"):
+        StructuredOutputsParams(json=SCHEMA, regex="a+")
+    with pytest.raises(ValueError, match="got none"):
+        StructuredOutputsParams()
+    with pytest.raises(ValueError, match="choice must be a non-empty list"):
+        StructuredOutputsParams(choice=[])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        StructuredOutputsParams(json="{not json")
+    with pytest.raises(ValueError, match="unknown field.*jsn"):
+        SamplingParams(structured_outputs={"jsn": {}})
+    p = SamplingParams(structured_outputs={"choice": ["a", "b"]})
+    assert p.structured_outputs.choice == ["a", "b"] and p.structured_outputs.kind == "choice"
+
+
+@pytest.fixture(scope="module")
+def tiny_engines(tiny_checkpoint):
+    cache: dict[tuple[str, str], LLM] = {}
+
+    def get(method: str, backend: str = "auto") -> LLM:
+        if (method, backend) not in cache:
+            spec = METHODS.get(method)
+            if method == "draft_model":
+                spec = {"model": str(tiny_checkpoint("llama")), "num_speculative_tokens": 4,
+                        "draft_length_policy": "fixed"}
+            cache[method, backend] = LLM(str(tiny_checkpoint("llama")), speculative_config=spec,
+                                         structured_outputs_backend=backend, **TINY_KW)
+        return cache[method, backend]
+
+    return get
+
+
+def test_a_grammar_that_does_not_compile_is_a_clear_error_and_disturbs_nothing(tiny_engines):
+    llm = tiny_engines("plain")
+    with pytest.raises(ValueError, match="structured_outputs.json"):
+        llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, structured_outputs={"json": {"type": "nonsense"}}))
+    with pytest.raises(ValueError, match="structured_outputs.regex"):
+        llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, structured_outputs={"regex": "(unclosed"}))
+    with pytest.raises(ValueError, match="structured_outputs_backend must be one of"):
+        LLM(structured_outputs_backend="outlines")
+    out = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=4))
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+# ---- every output obeys its constraint --------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
+@pytest.mark.parametrize("method", ["plain", "grammar", "ngram", "suffix", "draft_model"])
+def test_tiny_random_model_outputs_obey_the_constraint(tiny_engines, method, backend):
+    """A random model would never write valid JSON: every output here must come from the mask.
+    Greedy and sampled (4 seeds), every kind; speculation must actually happen."""
+    llm = tiny_engines(method, backend)
+    for kind in ("json", "regex", "choice"):
+        params = [SamplingParams(temperature=0, max_tokens=120, structured_outputs=constraint(kind))]
+        params += [SamplingParams(temperature=1.0, seed=s, max_tokens=120, structured_outputs=constraint(kind))
+                   for s in range(4)]
+        prompts = [PROMPTS[0]] + PROMPTS[:4]
+        for out in llm.generate(prompts, params, use_tqdm=False):
+            o = out.outputs[0]
+            assert o.finish_reason == "stop", (kind, o.text)
+            check(kind, o.text)
+    if method != "plain":
+        s = llm.engine.spec_stats
+        assert s.num_draft_tokens > 0 and s.num_accepted_tokens > 0
+        if method == "grammar":  # fixed JSON punctuation and the rest of a choice are forced
+            assert s.by_source["grammar"][2] > 0
+
+
+@pytest.mark.parametrize("method", ["grammar", "ngram", "suffix", "draft_model"])
+def test_speculation_leaves_constrained_outputs_unchanged_alone_and_batched(tiny_engines, method):
+    """Greedy and seeded constrained output with speculation == without, token for token, each
+    request alone and all at once."""
+    plain, spec = tiny_engines("plain"), tiny_engines(method)
+    params = []
+    for kind in ("json", "regex", "choice"):
+        params.append(SamplingParams(temperature=0, max_tokens=120, structured_outputs=constraint(kind, compact=False)))
+        params.append(SamplingParams(temperature=0.9, seed=7, max_tokens=120, structured_outputs=constraint(kind)))
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(params))]
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    alone = [spec.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
+    batched = [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)]
+    assert alone == want and batched == want
+    s = spec.engine.spec_stats
+    assert s.num_draft_tokens > 0 and s.num_accepted_tokens > 0
+
+
+def test_smollm2_json_schema_greedy_and_sampled_with_and_without_speculation(smollm2_quantized, smollm2_gguf):
+    """The real model: extraction under a schema (free whitespace, as by default) validates;
+    with ngram and with suffix decoding the text is identical to plain constrained decoding."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "city": {"type": "string"}},
+              "required": ["name", "age", "city"], "additionalProperties": False}
+    msgs = [[{"role": "user", "content": f"Extract name, age and city as JSON: {r}"}]
+            for r in ("Alice Smith (34) lives in Lisbon.", "Bruno Okafor, 51, moved to Osaka.")]
+    params = [SamplingParams(temperature=0, max_tokens=80, structured_outputs=StructuredOutputsParams(json=schema)),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=80,
+                             structured_outputs=StructuredOutputsParams(json=schema))]
+    cases = [(m, p) for m in msgs for p in params]
+    want = [smollm2_quantized.chat([m], p, use_tqdm=False)[0].outputs[0] for m, p in cases]
+    for o in want:
+        jsonschema.validate(json.loads(o.text), schema)
+    assert json.loads(want[0].text)["age"] == 34
+    for spec in ({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+                  "draft_length_policy": "fixed"},
+                 {"method": "suffix", "num_speculative_tokens": 16, "draft_length_policy": "fixed"}):
+        llm = LLM(str(smollm2_gguf), device="cpu", max_model_len=2048, speculative_config=spec)
+        got = [o.outputs[0].token_ids for o in llm.chat([m for m, _ in cases], [p for _, p in cases], use_tqdm=False)]
+        assert got == [o.token_ids for o in want]
+        s = llm.engine.spec_stats
+        assert s.num_draft_tokens > 0 and s.num_accepted_tokens > 0
+
+
+# ---- the law under a choice constraint --------------------------------------------------------------
+def test_choice_law_equals_the_masked_target_law(tiny_engines, tiny_checkpoint):
+    """P(output = c) for each choice c, computed independently: every token path that spells a
+    choice (our own mask: tokens whose text extends the prefix towards some choice; EOS where the
+    prefix is a choice), each step's probability from transformers' logits renormalised over the
+    allowed tokens. Sampled with grammar drafts (the rest of "maybe later" is forced after "m"):
+    chi-square at alpha = 0.001 with 80% power against the law's own shape."""
+    llm = tiny_engines("grammar")
+    tok = llm.get_tokenizer()
+    eos = sorted(llm.engine.eos_token_ids)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint("llama")), torch_dtype=torch.float32)
+    prompt = tok.encode(PROMPTS[1])
+    texts = {t: tok.decode([t]) for t in range(tok.vocab_size) if t not in eos}
+
+    @lru_cache(maxsize=None)
+    def law(path: tuple[int, ...]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + list(path)])).logits[0, -1].float()
+        return logits
+
+    totals = {c: 0.0 for c in CHOICES}
+
+    def walk(path: tuple[int, ...], text: str, prob: float) -> None:
+        allowed = [t for t, s in texts.items() if s and any(c.startswith(text + s) for c in CHOICES)]
+        ends = eos if text in CHOICES else []
+        logits = law(path)
+        mask = torch.full_like(logits, float("-inf"))
+        mask[allowed + ends] = 0.0
+        p = (logits + mask).softmax(-1)
+        if ends:
+            totals[text] += prob * float(p[ends].sum())
+        for t in allowed:
+            walk(path + (t,), text + texts[t], prob * float(p[t]))
+
+    walk((), "", 1.0)
+    expected = torch.tensor([totals[c] for c in CHOICES], dtype=torch.float64)
+    assert abs(float(expected.sum()) - 1.0) < 1e-6
+    n = max(powered_sample_size(expected, 1e-3), 300)
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=16,
+                             structured_outputs=StructuredOutputsParams(choice=CHOICES)) for i in range(n)]
+    before = llm.engine.spec_stats.num_accepted_tokens
+    outs = llm.generate([PROMPTS[1]] * n, params, use_tqdm=False)
+    counts = torch.tensor([sum(o.outputs[0].text == c for o in outs) for c in CHOICES], dtype=torch.float64)
+    assert counts.sum() == n
+    assert llm.engine.spec_stats.num_accepted_tokens > before
+    assert chi_square_pvalue(counts, expected) > 1e-3, (counts.tolist(), (expected * n).tolist())
+
+
+def test_compiled_once_per_distinct_constraint(tiny_engines):
+    llm = tiny_engines("plain", "xgrammar")
+    mgr = llm.engine.structured
+    before = mgr.num_compiled
+    sp = SamplingParams(temperature=0, max_tokens=40, structured_outputs=StructuredOutputsParams(regex="[ab]{3}x"))
+    llm.generate(PROMPTS, sp, use_tqdm=False)
+    llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=40,
+                                         structured_outputs=StructuredOutputsParams(regex="[ab]{3}x")), use_tqdm=False)
+    assert mgr.num_compiled == before + 1
