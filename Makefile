@@ -41,6 +41,7 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/coupling.py
 	$(PY) benchmarks/prefix_cache.py
 	$(PY) benchmarks/suffix_cache.py
+	$(PY) benchmarks/structured.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

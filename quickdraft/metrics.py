@@ -57,6 +57,9 @@ def engine_metrics(engine: "LLMEngine") -> list[Metric]:
             Counter("quickdraft:spec_decode_num_accepted_tokens", stats.num_accepted_tokens),
             Vector("quickdraft:spec_decode_num_accepted_tokens_per_pos", list(stats.accepted_per_pos)),
         ]
+        grammar = stats.by_source.get("grammar", [0, 0, 0])  # drafts led by a grammar's forced tokens
+        out += [Counter(f"quickdraft:spec_decode_grammar_{what}", grammar[i])
+                for i, what in enumerate(("num_drafts", "num_draft_tokens", "num_accepted_tokens"))]
         if engine.speculative_config.method == "suffix":
             src = {name: stats.by_source.get(name, [0, 0, 0]) for name in ("request", "global")}
             out += [LabeledCounter(f"quickdraft:spec_decode_suffix_{what}", "source",

@@ -76,6 +76,24 @@ def test_exactly_one_constraint_and_errors_name_the_problem():
     assert p.structured_outputs.choice == ["a", "b"] and p.structured_outputs.kind == "choice"
 
 
+def test_bitmask_masks_exactly_the_disallowed_tokens():
+    """Bit t % 32 of word t // 32 allows token t (the backends' layout); checked bit by bit."""
+    from quickdraft.structured_output.bitmask import apply_bitmask, unpack_bitmask
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 100
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 4), dtype=torch.int32, generator=g)
+    want = [[(int(bitmask[r, t // 32]) >> (t % 32)) & 1 == 1 for t in range(vocab)] for r in range(3)]
+    assert unpack_bitmask(bitmask, vocab).tolist() == want
+    logits = torch.randn(5, vocab, generator=g)
+    before = logits.clone()
+    apply_bitmask(logits, bitmask[:2], [4, 1])
+    for r, row in ((4, 0), (1, 1)):
+        assert all((logits[r, t] == before[r, t]) if want[row][t] else logits[r, t] == float("-inf")
+                   for t in range(vocab))
+    assert torch.equal(logits[[0, 2, 3]], before[[0, 2, 3]])
+
+
 @pytest.fixture(scope="module")
 def tiny_engines(tiny_checkpoint):
     cache: dict[tuple[str, str], LLM] = {}
@@ -124,8 +142,10 @@ def test_tiny_random_model_outputs_obey_the_constraint(tiny_engines, method, bac
     if method != "plain":
         s = llm.engine.spec_stats
         assert s.num_draft_tokens > 0 and s.num_accepted_tokens > 0
-        if method == "grammar":  # fixed JSON punctuation and the rest of a choice are forced
-            assert s.by_source["grammar"][2] > 0
+        # Fixed JSON punctuation and the rest of a choice are forced: drafted by every method.
+        m = {x.name: x.value for x in llm.get_metrics() if x.name.startswith("quickdraft:spec_decode_grammar_")}
+        assert m["quickdraft:spec_decode_grammar_num_drafts"] > 0
+        assert m["quickdraft:spec_decode_grammar_num_accepted_tokens"] > 0
 
 
 @pytest.mark.parametrize("method", ["grammar", "ngram", "suffix", "draft_model"])
@@ -229,3 +249,71 @@ def test_compiled_once_per_distinct_constraint(tiny_engines):
     llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=40,
                                          structured_outputs=StructuredOutputsParams(regex="[ab]{3}x")), use_tqdm=False)
     assert mgr.num_compiled == before + 1
+
+
+# ---- the server -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def so_server(smollm2_gguf):
+    from test_server import Server
+
+    s = Server(LLM(str(smollm2_gguf), device="cpu", max_model_len=2048, speculative_config=METHODS["ngram"]), ["smol"])
+    yield s
+    s.close()
+
+
+def test_server_json_schema_parse_streaming_choice_and_bad_schema(so_server, smollm2_quantized):
+    """Through the official client on SmolLM2: response_format json_schema (plain and streamed)
+    validates, parse() fills a pydantic model, json_object gives an object, extra_body
+    structured_outputs works on /v1/completions, bad constraints are 400s naming the problem, and
+    an unconstrained stream running meanwhile gets exactly its offline text; no KV block is left
+    in use."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+        city: str
+
+    schema = Person.model_json_schema()
+    client = so_server.client()
+    msgs = [{"role": "user", "content": "Extract name, age and city as JSON: Alice Smith (34) lives in Lisbon."}]
+    rf = {"type": "json_schema", "json_schema": {"name": "Person", "schema": schema, "strict": True}}
+    want_free = smollm2_quantized.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=48, ignore_eos=True),
+                                           use_tqdm=False)[0].outputs[0].text
+
+    def free_stream() -> str:
+        chunks = client.completions.create(model="smol", prompt=PROMPTS[0], max_tokens=48, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        return "".join(c.choices[0].text for c in chunks)
+
+    with ThreadPoolExecutor(1) as pool:
+        free = pool.submit(free_stream)
+        r = client.chat.completions.create(model="smol", messages=msgs, response_format=rf, max_tokens=100,
+                                           temperature=0)
+        assert json.loads(r.choices[0].message.content) == {"name": "Alice Smith", "age": 34, "city": "Lisbon"}
+        parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+        parsed = parse(model="smol", messages=msgs, response_format=Person, max_tokens=100, temperature=0.7, seed=1)
+        assert isinstance(parsed.choices[0].message.parsed, Person)
+        stream = client.chat.completions.create(model="smol", messages=msgs, response_format=rf, max_tokens=100,
+                                                temperature=0.9, seed=5, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        jsonschema.validate(json.loads(text), schema)
+        obj = client.chat.completions.create(model="smol", messages=msgs, max_tokens=100, temperature=0,
+                                             response_format={"type": "json_object"})
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+        c = client.completions.create(model="smol", prompt="Is the sky blue? Answer:", max_tokens=8, temperature=0.7,
+                                      seed=2, extra_body={"structured_outputs": {"choice": CHOICES}})
+        assert c.choices[0].text in CHOICES
+        with pytest.raises(openai.BadRequestError, match="structured_outputs.json"):
+            client.chat.completions.create(model="smol", messages=msgs, max_tokens=8, response_format={
+                "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}})
+        with pytest.raises(openai.BadRequestError, match="response_format type must be"):
+            client.chat.completions.create(model="smol", messages=msgs, max_tokens=8, response_format={"type": "xml"})
+        with pytest.raises(openai.BadRequestError, match="exactly one"):
+            client.completions.create(model="smol", prompt="x", max_tokens=8,
+                                      extra_body={"structured_outputs": {"regex": "a", "choice": ["b"]}})
+        assert free.result() == want_free
+    assert so_server.kv_free()

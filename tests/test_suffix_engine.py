@@ -167,9 +167,9 @@ def test_draft_length_follows_the_batch_size_map(method, tiny_checkpoint, plain_
     asked: list[tuple[int, int]] = []  # (sequences running, draft slots given) per proposal
     propose = engine.proposer.propose
 
-    def spy(seqs, max_tokens, noise):
+    def spy(seqs, max_tokens, noise, after=None):
         asked.extend((len(engine.scheduler.running), k) for k in max_tokens)
-        return propose(seqs, max_tokens, noise)
+        return propose(seqs, max_tokens, noise, after)
 
     engine.proposer.propose = spy
     sp = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (12, 20, 28, 36, 44, 52)]

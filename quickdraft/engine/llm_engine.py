@@ -275,7 +275,7 @@ class LLMEngine:
                                                                      d.probs.shape[1]).to(d.probs.dtype), d.probs])
                 if d.confidence is not None:
                     d.confidence[:0] = [1.0] * len(f)
-                d.source = d.source or "grammar"
+                d.source = "grammar"  # metrics: drafts led by forced tokens
             if s.grammar is not None and d.token_ids:
                 self._cut(d, self.structured.valid_prefix(s.grammar, d.token_ids))
         policy = self.draft_policy

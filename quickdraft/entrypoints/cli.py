@@ -3,7 +3,7 @@
 
     quickdraft serve [MODEL] [--port 8000] [--speculative-config '{"method": "ngram", ...}']
     quickdraft generate "def fibonacci(n):" [--stream] [--chat] [--temperature 0] [--max-tokens 64]
-    quickdraft bench throughput|spec|serve|coupling|prefix|llamacpp|cross|suffix [ARGS...]
+    quickdraft bench throughput|spec|serve|coupling|prefix|llamacpp|cross|suffix|structured [ARGS...]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 BENCHMARKS = {"throughput": "throughput.py", "spec": "spec_decode.py", "serve": "serve_load.py",
               "coupling": "coupling.py", "prefix": "prefix_cache.py", "llamacpp": "vs_llamacpp.py",
-              "cross": "cross_request.py", "suffix": "suffix_cache.py"}
+              "cross": "cross_request.py", "suffix": "suffix_cache.py", "structured": "structured.py"}
 
 
 def _json_dict(value: str) -> dict[str, Any]:

@@ -35,6 +35,9 @@ _DOCS = {
     "quickdraft:spec_decode_suffix_num_drafts": "Suffix decoding drafts by the trie that supplied them.",
     "quickdraft:spec_decode_suffix_num_draft_tokens": "Suffix decoding draft tokens by source trie.",
     "quickdraft:spec_decode_suffix_num_accepted_tokens": "Suffix decoding accepted tokens by source trie.",
+    "quickdraft:spec_decode_grammar_num_drafts": "Drafts led by tokens a structured-output grammar forces.",
+    "quickdraft:spec_decode_grammar_num_draft_tokens": "Draft tokens of drafts led by grammar-forced tokens.",
+    "quickdraft:spec_decode_grammar_num_accepted_tokens": "Accepted tokens of drafts led by grammar-forced tokens.",
 }
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,

