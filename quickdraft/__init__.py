@@ -2,8 +2,9 @@
 
 from quickdraft.llm import LLM
 from quickdraft.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from quickdraft.sampling_params import SamplingParams
+from quickdraft.sampling_params import SamplingParams, StructuredOutputsParams
 from quickdraft.spec_decode.config import SpeculativeConfig
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics", "SpeculativeConfig"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob",
+           "RequestMetrics", "SpeculativeConfig"]
 __version__ = "0.1.0"

@@ -59,6 +59,8 @@ def _add_engine_args(p: argparse.ArgumentParser, *, seed_help: str | None) -> No
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of prompt prefixes computed before (default on; outputs unchanged)")
+    g.add_argument("--structured-outputs-backend", choices=["auto", "xgrammar", "guidance"], default="auto",
+                   help="grammar backend for structured outputs (response_format, structured_outputs)")
     g.add_argument("--speculative-config", type=_json_dict, default=None,
                    help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 5, '
                         '"prompt_lookup_min": 2, "prompt_lookup_max": 5}\'')
@@ -74,6 +76,7 @@ def _llm_kwargs(args: argparse.Namespace, model: str | None, *, seed: int = 0,
                 max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
                 block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
                 speculative_config=args.speculative_config,
+                structured_outputs_backend=args.structured_outputs_backend,
                 disable_log_stats=disable_log_stats)
 
 
