@@ -42,6 +42,7 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/prefix_cache.py
 	$(PY) benchmarks/suffix_cache.py
 	$(PY) benchmarks/structured.py
+	$(PY) benchmarks/structured.py --compact
 
 clean:
 	rm -rf $(VENV) build *.egg-info
