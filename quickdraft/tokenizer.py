@@ -19,6 +19,9 @@ def _token_str(value: Any) -> str | None:
     return value
 
 
+_GIL_FREE_CHARS = 4096  # above this, encode without holding the GIL
+
+
 class Tokenizer:
     """Text <-> token ids for one model, with vLLM/transformers-like method names."""
 
@@ -46,7 +49,12 @@ class Tokenizer:
         return self.vocab_size
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of ``text``. Long texts go through ``encode_batch``, which releases the GIL,
+        so a server thread tokenizing a huge prompt does not stall the event loop."""
+        if len(text) > _GIL_FREE_CHARS:
+            ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        else:
+            ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             if not ids or ids[0] != self.bos_token_id:
                 ids = [self.bos_token_id] + ids

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from quickdraft import LLM, SamplingParams  # noqa: E402
 from quickdraft.entrypoints.async_engine import AsyncLLM  # noqa: E402
-from quickdraft.entrypoints.openai_server import build_app  # noqa: E402
+from quickdraft.entrypoints.openai.api_server import build_app  # noqa: E402
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 TINY_KW = dict(dtype="float32", device="cpu", max_model_len=256, kv_cache_memory="8MiB")

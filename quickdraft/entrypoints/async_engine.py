@@ -2,8 +2,11 @@
 
 One engine thread owns the engine (it is not thread-safe): it applies queued commands (add,
 abort) between steps, calls ``step(stream=True)`` while there is work, and hands every
-request's cumulative output to the asyncio queue of whoever added it. Requests from any number
+request's cumulative output to the event loop of whoever added it. Requests from any number
 of connections therefore share the engine's continuous batch. The thread sleeps while idle.
+
+Memory per request is bounded: outputs are cumulative, so a `RequestGroup` keeps only the
+latest one per request; a client that stops reading costs one snapshot, not one per step.
 """
 
 from __future__ import annotations
@@ -25,7 +28,26 @@ logger = logging.getLogger("quickdraft")
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread has stopped; no request can be served."""
+    """The engine thread has stopped; no request can be served. ``shutting_down``: it was
+    stopped on purpose (the server is shutting down), not by a failure."""
+
+    def __init__(self, message: str, *, shutting_down: bool = False) -> None:
+        super().__init__(message)
+        self.shutting_down = shutting_down
+
+
+class RequestTimeoutError(Exception):
+    """A request ran past its timeout; it has been aborted."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"The request did not finish within the server's request timeout of {timeout:g} s "
+                         "and was aborted.")
+        self.timeout = timeout
+
+
+CRASHED = ("The engine stopped after an internal error (see the server log); no request can be served until "
+           "the server is restarted.")
+SHUTTING_DOWN = "The server is shutting down."
 
 
 @dataclasses.dataclass
@@ -43,7 +65,7 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float | None
-    sink: asyncio.Queue
+    sink: Callable[[Any], None]
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future
 
@@ -87,7 +109,7 @@ class AsyncLLM:
         self.on_finished = on_finished  # called by the engine thread with each finished output
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # request id -> (sink, loop); touched by the engine thread only.
-        self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._sinks: dict[str, tuple[Callable[[Any], None], asyncio.AbstractEventLoop]] = {}
         self._thread: threading.Thread | None = None
         self.dead_error: BaseException | None = None
         self._metrics: list[Metric] = engine_metrics(self.engine)
@@ -125,12 +147,15 @@ class AsyncLLM:
 
     # ---- requests -------------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                          params: SamplingParams, sink: asyncio.Queue, arrival_time: float | None = None) -> None:
-        """Queue a request; its outputs (cumulative `RequestOutput`s, the last with
-        ``finished``) go to ``sink``. Returns once the engine accepted it, raising its error
-        (ValueError for invalid input) otherwise."""
+                          params: SamplingParams, sink: Callable[[Any], None],
+                          arrival_time: float | None = None) -> None:
+        """Queue a request; ``sink`` is called on this event loop with each of its outputs
+        (cumulative `RequestOutput`s, the last with ``finished``) or with a `_Failure`.
+        Returns once the engine accepted it, raising its error (ValueError for invalid input)
+        otherwise."""
         if not self.is_running:
-            raise EngineDeadError(f"The engine is not running ({self.dead_error or 'stopped'}).")
+            raise EngineDeadError(CRASHED) if self.dead_error is not None else EngineDeadError(
+                SHUTTING_DOWN, shutting_down=True)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self._commands.put(_Add(request_id, prompt, list(prompt_token_ids), params, arrival_time, sink, loop, done))
@@ -164,10 +189,13 @@ class AsyncLLM:
         except BaseException as e:  # a bug in the loop itself: fail everything, refuse new work
             logger.exception("The engine thread stopped")
             self.dead_error = e
-            self._fail_all(EngineDeadError(f"The engine stopped: {e!r}"))
+            self._fail_all(EngineDeadError(CRASHED))
         finally:
-            self._fail_all(EngineDeadError("The server is shutting down."))
+            self._fail_all(EngineDeadError(SHUTTING_DOWN, shutting_down=True))
             self._drain_commands()
+            bm = self.engine.block_manager
+            logger.info("Engine thread stopped; KV blocks in use: %d of %d.", bm.num_blocks - bm.num_free_blocks,
+                        bm.num_blocks)
 
     def _apply(self, cmd: Any) -> bool:
         if isinstance(cmd, _Stop):
@@ -210,7 +238,7 @@ class AsyncLLM:
             if target is not None:
                 sink, loop = target
                 try:
-                    loop.call_soon_threadsafe(sink.put_nowait, _snapshot(out))
+                    loop.call_soon_threadsafe(sink, _snapshot(out))
                 except RuntimeError:  # the caller's event loop is closed: nobody is listening
                     self.engine.abort_request(out.request_id)
                     self._sinks.pop(out.request_id, None)
@@ -231,7 +259,7 @@ class AsyncLLM:
         sinks, self._sinks = self._sinks, {}
         for request_id, (sink, loop) in sinks.items():
             try:
-                loop.call_soon_threadsafe(sink.put_nowait, _Failure(request_id, error))
+                loop.call_soon_threadsafe(sink, _Failure(request_id, error))
             except RuntimeError:  # that event loop is closed
                 pass
 
@@ -243,7 +271,9 @@ class AsyncLLM:
                 return
             if isinstance(cmd, _Add):
                 try:
-                    cmd.loop.call_soon_threadsafe(_resolve, cmd.done, EngineDeadError("The engine is not running."))
+                    error = EngineDeadError(CRASHED) if self.dead_error is not None else EngineDeadError(
+                        SHUTTING_DOWN, shutting_down=True)
+                    cmd.loop.call_soon_threadsafe(_resolve, cmd.done, error)
                 except RuntimeError:
                     pass
 
@@ -251,46 +281,84 @@ class AsyncLLM:
 class RequestGroup:
     """The engine requests behind one API call (several prompts, or one), read together.
 
-    ``async for updates in group`` yields dicts request id -> latest cumulative output (outputs
-    that queued up meanwhile are coalesced: they are cumulative). `abort()` aborts whatever is
-    unfinished, e.g. when the client disconnected."""
+    ``async for updates in group`` yields dicts request id -> latest cumulative output; outputs
+    that arrive while the reader is busy replace each other (they are cumulative), so a slow
+    reader holds one output per request. `abort()` aborts whatever is unfinished, e.g. when the
+    client disconnected. ``timeout`` (seconds from creation) aborts the group and raises
+    `RequestTimeoutError` from the reader. ``reserved`` admission slots (see the server's
+    limits) are given back through ``on_release`` as requests finish, abort or fail to add."""
 
-    def __init__(self, engine: AsyncLLM) -> None:
+    def __init__(self, engine: AsyncLLM, *, timeout: float | None = None, reserved: int = 0,
+                 on_release: Callable[[int], None] | None = None) -> None:
         self.engine = engine
-        self.queue: asyncio.Queue = asyncio.Queue()
         self.request_ids: list[str] = []
         self.unfinished: set[str] = set()
         self.final: dict[str, RequestOutput] = {}
+        self.timeout = timeout
+        self._deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        self._latest: dict[str, RequestOutput] = {}
+        self._failure: BaseException | None = None
+        self._ready = asyncio.Event()
+        self._reserved = reserved
+        self._on_release = on_release
+
+    def _deliver(self, item: Any) -> None:
+        """Called on the event loop by the engine thread (via call_soon_threadsafe)."""
+        if isinstance(item, _Failure):
+            if self._failure is None:
+                self._failure = item.error
+        elif item.request_id in self.unfinished:
+            self._latest[item.request_id] = item
+        else:
+            return
+        self._ready.set()
+
+    def _release(self, count: int) -> None:
+        if count and self._on_release is not None:
+            self._on_release(count)
 
     async def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                   arrival_time: float | None = None) -> None:
-        await self.engine.add_request(request_id, prompt, prompt_token_ids, params, self.queue, arrival_time)
+        await self.engine.add_request(request_id, prompt, prompt_token_ids, params, self._deliver, arrival_time)
         self.request_ids.append(request_id)
         self.unfinished.add(request_id)
+        if self._reserved:
+            self._reserved -= 1  # the slot now belongs to the running request
 
     def abort(self) -> None:
         for request_id in self.unfinished:
             self.engine.abort(request_id)
+        self._release(len(self.unfinished) + self._reserved)
         self.unfinished.clear()
+        self._reserved = 0
+
+    async def _wait(self) -> None:
+        while not self._latest and self._failure is None:
+            self._ready.clear()
+            if self._deadline is None:
+                await self._ready.wait()
+                continue
+            remaining = self._deadline - asyncio.get_running_loop().time()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                await asyncio.wait_for(self._ready.wait(), remaining)
+            except TimeoutError:
+                self.abort()
+                raise RequestTimeoutError(self.timeout) from None
 
     async def __aiter__(self) -> AsyncIterator[dict[str, RequestOutput]]:
         while self.unfinished:
-            items = [await self.queue.get()]
-            while not self.queue.empty():
-                items.append(self.queue.get_nowait())
-            latest: dict[str, RequestOutput] = {}
-            for item in items:
-                if isinstance(item, _Failure):
-                    self.abort()
-                    raise item.error
-                if item.request_id not in self.unfinished:
-                    continue
-                latest[item.request_id] = item
-                if item.finished:
-                    self.final[item.request_id] = item
+            await self._wait()
+            if self._failure is not None:
+                self.abort()
+                raise self._failure
+            latest, self._latest = self._latest, {}
             for request_id, out in latest.items():
                 if out.finished:
+                    self.final[request_id] = out
                     self.unfinished.discard(request_id)
+                    self._release(1)
             if latest:
                 yield latest
 

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quickdraft.entrypoints.openai.limits import ServerLimits
+
 BENCHMARKS = {"throughput": "throughput.py", "spec": "spec_decode.py", "serve": "serve_load.py",
               "coupling": "coupling.py", "prefix": "prefix_cache.py", "llamacpp": "vs_llamacpp.py",
               "cross": "cross_request.py", "suffix": "suffix_cache.py", "structured": "structured.py"}
@@ -28,6 +30,14 @@ def _json_dict(value: str) -> dict[str, Any]:
     if not isinstance(parsed, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
     return parsed
+
+
+def _optional_int(value: str) -> int | None:
+    return None if value.lower() == "none" else int(value)
+
+
+def _optional_float(value: str) -> float | None:
+    return None if value.lower() == "none" else float(value)
 
 
 def _kv_memory(value: str) -> int | str:
@@ -105,7 +115,31 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None,
                      help="require `Authorization: Bearer KEY` on every endpoint but /health "
                           "(default: $QUICKDRAFT_API_KEY)")
-    srv.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / top_logprobs a request may ask")
+    srv.add_argument("--allowed-origins", nargs="+", default=None,
+                     help="enable CORS for these origins (default: CORS off)")
+    srv.add_argument("--enable-log-requests", action="store_true",
+                     help="log each request's prompt and parameters (default: request content is not logged)")
+    srv.add_argument("--shutdown-timeout", type=float, default=10.0,
+                     help="on SIGTERM/SIGINT, seconds running requests may take to finish before they are aborted")
+    lim = serve.add_argument_group("limits (each request is checked before any work; see the README)")
+    d = ServerLimits()
+    lim.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
+                     help="largest logprobs / top_logprobs a request may ask")
+    lim.add_argument("--max-request-body-bytes", type=int, default=d.max_request_body_bytes,
+                     help="larger bodies get 413 (default 4 MiB)")
+    lim.add_argument("--max-n", type=int, default=None, help="largest n (default: --max-num-seqs)")
+    lim.add_argument("--max-tokens-limit", type=int, default=None,
+                     help="largest max_tokens a request may ask, and the default when it asks none "
+                          "(default: only the context bounds it)")
+    lim.add_argument("--max-prompts-per-request", type=int, default=d.max_prompts_per_request,
+                     help="most prompts in one /v1/completions request")
+    lim.add_argument("--max-stop-sequences", type=int, default=d.max_stop_sequences,
+                     help="most stop strings (and bad_words) in one request")
+    lim.add_argument("--max-waiting-requests", type=_optional_int, default=d.max_waiting_requests,
+                     help="requests admitted beyond the --max-num-seqs running at once; more get 503 with "
+                          "Retry-After ('none': unbounded; default %(default)s)")
+    lim.add_argument("--request-timeout", type=_optional_float, default=d.request_timeout,
+                     help="seconds after which a request is aborted with 504 ('none': never; default %(default)s)")
     srv.add_argument("--disable-log-stats", action="store_true", help="no periodic engine stats in the log")
     srv.add_argument("--uvicorn-log-level", default="info",
                      choices=["critical", "error", "warning", "info", "debug", "trace"])
@@ -144,10 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- commands -----------------------------------------------------------------------------------
+def server_limits(args: argparse.Namespace) -> ServerLimits:
+    try:
+        return ServerLimits(max_request_body_bytes=args.max_request_body_bytes, max_n=args.max_n,
+                            max_tokens=args.max_tokens_limit, max_logprobs=args.max_logprobs,
+                            max_prompts_per_request=args.max_prompts_per_request,
+                            max_stop_sequences=args.max_stop_sequences,
+                            max_waiting_requests=args.max_waiting_requests, request_timeout=args.request_timeout)
+    except ValueError as e:
+        raise SystemExit(f"quickdraft serve: {e}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from quickdraft.entrypoints.openai_server import run_server
+    from quickdraft.entrypoints.openai.api_server import run_server
     from quickdraft.models.default_model import DEFAULT_MODEL_NAME
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
@@ -155,8 +200,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     names = args.served_model_name or [model or DEFAULT_MODEL_NAME]
     run_server(_llm_kwargs(args, model, seed=args.seed, disable_log_stats=args.disable_log_stats),
                served_model_names=names, host=args.host, port=args.port, api_key=args.api_key,
-               max_logprobs=args.max_logprobs, uvicorn_log_level=args.uvicorn_log_level,
-               access_log=not args.disable_uvicorn_access_log)
+               limits=server_limits(args), shutdown_timeout=args.shutdown_timeout,
+               allowed_origins=args.allowed_origins, enable_log_requests=args.enable_log_requests,
+               uvicorn_log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log)
     return 0
 
 
