@@ -12,7 +12,7 @@ The load is --num-requests requests from --concurrency concurrent asyncio client
   client closes the connection after reading 1-3 SSE events (the server must abort them);
 * garbage (~10%): invalid JSON, wrong types, an unknown model, an empty prompt, prompts far
   longer than the context, random bytes sent as JSON, the wrong HTTP method, a body over the
-  server's size limit (each kind in turn; `--garbage-kinds all` adds lone UTF-16 surrogates). Each
+  server's size limit, text with a lone UTF-16 surrogate (each kind in turn). Each
   must get a 4xx whose body is OpenAI's error JSON `{"error": {"message", "type", "param", "code"}}`;
 * huge outputs (~5%): max_tokens as large as the context allows, read to the end (streamed or not).
 

@@ -9,11 +9,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from quickdraft.entrypoints.async_engine import RequestGroup
-from quickdraft.entrypoints.openai.errors import APIError, engine_failure, error_body, log_failure
+from quickdraft.entrypoints.openai.errors import APIError
 from quickdraft.entrypoints.openai.logprobs import chat_logprobs
 from quickdraft.entrypoints.openai.protocol import ChatCompletionRequest
-from quickdraft.entrypoints.openai.serving_engine import (AbortingStreamingResponse, OpenAIServing, Prompt, new_id,
-                                                          results, sse, usage, visible_delta)
+from quickdraft.entrypoints.openai.serving_engine import (AbortingStreamingResponse, OpenAIServing, Prompt,
+                                                          error_event, new_id, results, sse, usage, visible_delta)
 from quickdraft.sampling_params import SamplingParams
 
 
@@ -51,12 +51,7 @@ async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionReq
     if body.stream:
         return AbortingStreamingResponse(
             _stream_chat(serving, body, group, prompt, params, base_id, model, created, top_n), group.abort)
-    try:
-        outs = await results(request, group)
-    except Exception as e:  # noqa: BLE001
-        err = engine_failure(e)
-        log_failure(err, e)
-        raise err from None
+    outs = await results(request, group)
     if outs is None:
         return Response(status_code=499)
     out = outs[0]
@@ -129,8 +124,6 @@ async def _stream_chat(serving: OpenAIServing, body: ChatCompletionRequest, grou
             yield sse({"id": base_id, "object": "chat.completion.chunk", "created": created, "model": model,
                         "choices": [], "usage": usage(num_prompt, sum(generated), cached)})
     except Exception as e:  # noqa: BLE001 - the engine failed: tell the client in-band
-        err = engine_failure(e)
-        log_failure(err, e)
-        yield sse(error_body(err.status, err.message))
+        yield error_event(e)
     yield "data: [DONE]\n\n"
 

@@ -9,11 +9,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from quickdraft.entrypoints.async_engine import RequestGroup
-from quickdraft.entrypoints.openai.errors import APIError, engine_failure, error_body, log_failure
+from quickdraft.entrypoints.openai.errors import APIError
 from quickdraft.entrypoints.openai.logprobs import completion_logprobs
 from quickdraft.entrypoints.openai.protocol import CompletionRequest
-from quickdraft.entrypoints.openai.serving_engine import (AbortingStreamingResponse, OpenAIServing, Prompt, cached,
-                                                          new_id, results, sse, usage, visible_delta)
+from quickdraft.entrypoints.openai.serving_engine import (AbortingStreamingResponse, OpenAIServing, Prompt,
+                                                          cached, error_event, new_id, results, sse, usage,
+                                                          visible_delta)
 from quickdraft.sampling_params import SamplingParams
 
 
@@ -52,12 +53,7 @@ async def create_completion(serving: OpenAIServing, body: CompletionRequest, req
     if body.stream:
         return AbortingStreamingResponse(
             _stream_completion(serving, body, group, prompts, params, base_id, model, created), group.abort)
-    try:
-        outs = await results(request, group)
-    except Exception as e:  # noqa: BLE001
-        err = engine_failure(e)
-        log_failure(err, e)
-        raise err from None
+    outs = await results(request, group)
     if outs is None:
         return Response(status_code=499)
     choices = []
@@ -153,7 +149,5 @@ async def _stream_completion(serving: OpenAIServing, body: CompletionRequest, gr
             yield sse({"id": base_id, "object": "text_completion", "created": created, "model": model,
                         "choices": [], "usage": usage_now()})
     except Exception as e:  # noqa: BLE001 - the engine failed: tell the client in-band
-        err = engine_failure(e)
-        log_failure(err, e)
-        yield sse(error_body(err.status, err.message))
+        yield error_event(e)
     yield "data: [DONE]\n\n"

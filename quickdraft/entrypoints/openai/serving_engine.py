@@ -23,7 +23,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from quickdraft.entrypoints.async_engine import AsyncLLM, EngineDeadError, RequestGroup
-from quickdraft.entrypoints.openai.errors import APIError, bad_request, engine_failure
+from quickdraft.entrypoints.openai.errors import APIError, bad_request, engine_failure, error_body, log_failure
 from quickdraft.entrypoints.openai.limits import ServerLimits
 from quickdraft.entrypoints.openai.logprobs import TokenTexts
 from quickdraft.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -38,6 +38,13 @@ _T = TypeVar("_T")
 
 def sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def error_event(e: BaseException) -> str:
+    """The last event of a stream the engine failed (or the timeout ended): OpenAI's error JSON."""
+    err = engine_failure(e)
+    log_failure(err, e)
+    return sse(error_body(err.status, err.message))
 
 
 def visible_delta(text: str, sent: int, hold: int, finished: bool) -> tuple[str, int]:
@@ -376,7 +383,8 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 async def results(request: Request, group: RequestGroup) -> list[RequestOutput] | None:
-    """The group's final outputs, or None (requests aborted) if the client went away first."""
+    """The group's final outputs, or None (requests aborted) if the client went away first; an
+    engine failure or the timeout is raised as the `APIError` the client gets."""
     work = asyncio.ensure_future(group.results())
     watch = asyncio.ensure_future(_wait_disconnect(request))
     try:
@@ -388,7 +396,12 @@ async def results(request: Request, group: RequestGroup) -> list[RequestOutput] 
         raise
     if work in done:
         watch.cancel()
-        return work.result()
+        try:
+            return work.result()
+        except Exception as e:  # noqa: BLE001
+            err = engine_failure(e)
+            log_failure(err, e)
+            raise err from None
     work.cancel()
     group.abort()
     return None
