@@ -77,9 +77,13 @@ def _check(response: schemathesis.Response, body: object) -> None:
         return
     if response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
         events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
-        assert events and events[-1] == "[DONE]", response.text[-300:]
-        for event in events[:-1]:
-            assert "error" not in json.loads(event), event
+        # schemathesis hangs up after 20 events (the server must then abort the rest: the KV
+        # check after the run covers it); a stream it read to the end must end with [DONE].
+        if not response.stream_cut_short:
+            assert events and events[-1] == "[DONE]", response.text[-300:]
+        for event in events:
+            if event != "[DONE]":
+                assert "error" not in json.loads(event), event
     else:
         response.json()
 
