@@ -10,6 +10,7 @@ import pytest
 
 from quickdraft import LLM, SamplingParams
 from quickdraft.spec_decode.ngram import find_ngram_draft
+from tiny_models import self_copy_prompts
 
 
 def reference_draft(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
@@ -136,25 +137,13 @@ def _spec_counts(llm: LLM) -> tuple[int, int]:
             m["quickdraft:spec_decode_num_accepted_tokens"].value)
 
 
-def self_copy_prompts(path: str, lengths: list[int], seed: int, copy: int = 20) -> list[dict]:
-    """Prompts whose greedy continuation copies their own first ``copy`` tokens, on the tiny
-    Mistral (sliding window 24, two layers: tokens more than ~48 positions back cannot influence
-    the next token). Q is random; O = greedy(Q); the prompt O[:copy] + Q then continues with O
-    again, so an n-gram draft looked up at the start of the prompt is right."""
-    rng = random.Random(seed)
-    bodies = [[rng.randrange(3, 384) for _ in range(n - copy)] for n in lengths]
-    assert min(len(b) for b in bodies) >= 50
-    llm = LLM(path, dtype="float32", device="cpu", max_model_len=256)
-    outs = llm.generate([{"prompt_token_ids": b} for b in bodies],
-                        SamplingParams(temperature=0, max_tokens=copy, ignore_eos=True), use_tqdm=False)
-    return [{"prompt_token_ids": o.outputs[0].token_ids + b} for o, b in zip(outs, bodies)]
-
-
 @pytest.mark.parametrize("max_model_len", [83, 96])
 def test_drafts_never_run_past_max_model_len(tiny_checkpoint, max_model_len):
     path = str(tiny_checkpoint("mistral"))
     cap = max_model_len
-    prompts = self_copy_prompts(path, [cap - 13, cap - 8, cap - 5, cap - 2, cap - 1], seed=cap)
+    prompts = [{"prompt_token_ids": p} for p in self_copy_prompts(
+        LLM(path, dtype="float32", device="cpu", max_model_len=256), [cap - 13, cap - 8, cap - 5, cap - 2, cap - 1],
+        seed=cap)]
     sp = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
     plain = LLM(path, dtype="float32", device="cpu", max_model_len=cap)
     spec = LLM(path, dtype="float32", device="cpu", max_model_len=cap,

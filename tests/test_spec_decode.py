@@ -27,6 +27,7 @@ from quickdraft.engine.model_runner import ModelRunner, SeqInput
 from quickdraft.spec_decode.draft_model import DraftModelProposer
 from quickdraft.spec_decode.proposer import NgramProposer
 from stats import chi_square_df, chi_square_power, chi_square_pvalue, samples_for_power
+from tiny_models import self_copy_prompts as copying_prompts
 
 P_MIN = 1e-5  # chi-square p-value threshold
 NGRAM = {"method": "ngram", "prompt_lookup_min": 1, "prompt_lookup_max": 3}
@@ -109,13 +110,9 @@ def repetitive_prompts(n: int, seed: int) -> list[list[int]]:
 
 
 def self_copy_prompts(mistral_path, n: int, seed: int, body: int = 60, copy: int = 24) -> list[list[int]]:
-    """Prompts O[:copy] + Q whose greedy continuation is O = greedy(Q) again: on the tiny Mistral
-    the copied head is too far back to influence anything, and the n-gram lookup finds it."""
-    rng = random.Random(seed)
-    bodies = [[rng.randrange(3, 384) for _ in range(body)] for _ in range(n)]
-    plain = make_llm(mistral_path)
-    heads = ids(gen(plain, bodies, SamplingParams(temperature=0, max_tokens=copy, ignore_eos=True)))
-    return [h + b for h, b in zip(heads, bodies)]
+    """n prompts O[:copy] + Q (Q random, ``body`` tokens) whose greedy continuation is O again
+    (`tiny_models.self_copy_prompts`)."""
+    return copying_prompts(make_llm(mistral_path), [body + copy] * n, seed, copy)
 
 
 def reference_law(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0

@@ -7,6 +7,7 @@ shows in the logits. The tokenizer is a small byte-level BPE trained here on a f
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -84,3 +85,19 @@ def make_tiny_checkpoint(folder: Path, arch: str, *, seed: int = 0, shard: bool 
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0], "bos_token_id": 1}))
     write_tokenizer(folder)
     return folder
+
+
+def self_copy_prompts(llm, lengths: list[int], seed: int, copy: int = 20) -> list[list[int]]:
+    """Prompts whose greedy continuation copies their own first ``copy`` tokens, for ``llm`` on
+    the tiny Mistral (sliding window 24, two layers: tokens more than ~48 positions back cannot
+    influence the next token). Q is random; O = greedy(Q); the prompt O[:copy] + Q then continues
+    with O again, so an n-gram draft looked up at the start of the prompt is right. Unlike a
+    prompt that merely looks repetitive, this holds on every CPU, whatever the kernels' last bits."""
+    from quickdraft import SamplingParams
+
+    rng = random.Random(seed)
+    bodies = [[rng.randrange(3, VOCAB_SIZE) for _ in range(n - copy)] for n in lengths]
+    assert min(len(b) for b in bodies) >= 50
+    outs = llm.generate([{"prompt_token_ids": b} for b in bodies],
+                        SamplingParams(temperature=0, max_tokens=copy, ignore_eos=True), use_tqdm=False)
+    return [o.outputs[0].token_ids + b for o, b in zip(outs, bodies)]
