@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from quickdraft import LLM, SamplingParams  # noqa: E402
 from quickdraft.entrypoints.async_engine import AsyncLLM  # noqa: E402
-from quickdraft.entrypoints.openai.api_server import build_app  # noqa: E402
+from quickdraft.entrypoints.openai.api_server import UVICORN_HTTP, UVICORN_LOOP, build_app  # noqa: E402
 from quickdraft.entrypoints.openai.limits import ServerLimits  # noqa: E402
 from tiny_models import self_copy_prompts  # noqa: E402
 
@@ -67,7 +67,7 @@ class Server:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False,
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, loop=UVICORN_LOOP, http=UVICORN_HTTP,
                                 timeout_graceful_shutdown=graceful_timeout)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)

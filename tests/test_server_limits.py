@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -175,6 +176,34 @@ def test_slow_reader_holds_one_output_per_request(tiny_checkpoint, tiny_llm):
     finally:
         engine.shutdown()
     assert count == 1 and updates[0]["r0"].outputs[0].text == exp
+
+
+def test_a_request_that_finishes_before_its_add_returns_is_not_lost(tiny_checkpoint, tiny_llm):
+    """Regression (found on Ray Serve, where one request in a few hung until the client gave up):
+    the engine can add, run and finish a short request, and queue its last output on the event
+    loop, before the coroutine awaiting the add resumes. The group must already be listening.
+    Here the loop is held while the engine finishes a 1-token request."""
+    exp = tiny_llm.generate(PROMPTS[0], greedy(1), use_tqdm=False)[0].outputs[0].token_ids
+    engine = AsyncLLM(LLM(str(tiny_checkpoint("llama")), **TINY))
+    engine.start()
+
+    async def run() -> list:
+        group = RequestGroup(engine)
+        adding = asyncio.ensure_future(group.add("r0", PROMPTS[0], engine.tokenizer.encode(PROMPTS[0]), greedy(1)))
+        await asyncio.sleep(0)  # the add command is queued
+        # Hold the loop (blocking waits) until the engine has run the request to its end and queued
+        # its outputs here: the add's result and the last output are then both waiting.
+        assert wait_until(lambda: engine.engine.num_generation_tokens_total > 0
+                          and not engine.engine.has_unfinished_requests())
+        time.sleep(0.3)
+        await adding
+        return await asyncio.wait_for(group.results(), 30)
+
+    try:
+        outs = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert outs[0].outputs[0].token_ids == exp and outs[0].finished
 
 
 def test_engine_step_failure_is_a_500_without_details_and_serving_goes_on(limited):

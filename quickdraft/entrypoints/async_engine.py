@@ -319,9 +319,16 @@ class RequestGroup:
 
     async def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                   arrival_time: float | None = None) -> None:
-        await self.engine.add_request(request_id, prompt, prompt_token_ids, params, self._deliver, arrival_time)
-        self.request_ids.append(request_id)
+        # Listen before the engine has it: its first outputs (a short request's last one too) can be
+        # delivered on this loop before this coroutine resumes from the add.
         self.unfinished.add(request_id)
+        try:
+            await self.engine.add_request(request_id, prompt, prompt_token_ids, params, self._deliver, arrival_time)
+        except BaseException:
+            self.unfinished.discard(request_id)
+            self._latest.pop(request_id, None)
+            raise
+        self.request_ids.append(request_id)
         if self._reserved:
             self._reserved -= 1  # the slot now belongs to the running request
 

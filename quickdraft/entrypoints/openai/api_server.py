@@ -258,6 +258,12 @@ def build_app(engine: AsyncLLM, served_model_names: Sequence[str], *, api_key: s
     return app
 
 
+# uvicorn's "auto" picks uvloop and httptools whenever they are installed (Ray pulls both in);
+# the server is built and tested on the standard asyncio loop and h11, so it runs on those.
+UVICORN_LOOP = "asyncio"
+UVICORN_HTTP = "h11"
+
+
 def resolve_api_key(api_key: str | None) -> str | None:
     return api_key or os.environ.get("QUICKDRAFT_API_KEY") or None
 
@@ -283,6 +289,6 @@ def run_server(llm_kwargs: dict[str, Any], *, served_model_names: Sequence[str],
     logger.info("Serving %s on http://%s:%d", served_model_names[0], host, port)
     try:
         uvicorn.run(app, host=host, port=port, log_level=uvicorn_log_level, access_log=access_log,
-                    timeout_graceful_shutdown=shutdown_timeout)
+                    timeout_graceful_shutdown=shutdown_timeout, loop=UVICORN_LOOP, http=UVICORN_HTTP)
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled; the shutdown is done
         pass
