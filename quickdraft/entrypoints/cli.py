@@ -2,6 +2,7 @@
 `bench` (the benchmarks in benchmarks/). Engine options use vLLM's flag names.
 
     quickdraft serve [MODEL] [--port 8000] [--speculative-config '{"method": "ngram", ...}']
+    quickdraft serve [MODEL] --ray --num-replicas 2     (replicas on Ray Serve)
     quickdraft generate "def fibonacci(n):" [--stream] [--chat] [--temperature 0] [--max-tokens 64]
     quickdraft bench throughput|spec|serve|coupling|prefix|llamacpp|cross|suffix|structured [ARGS...]
 """
@@ -140,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "Retry-After ('none': unbounded; default %(default)s)")
     lim.add_argument("--request-timeout", type=_optional_float, default=d.request_timeout,
                      help="seconds after which a request is aborted with 504 ('none': never; default %(default)s)")
+    ray = serve.add_argument_group("Ray Serve (the `ray` extra; see the README's 'On a cluster')")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve replicas of the model on Ray Serve, behind Serve's proxy at --host:--port")
+    ray.add_argument("--num-replicas", type=int, default=1, help="replicas, each with its own engine (default 1)")
+    ray.add_argument("--num-cpus-per-replica", type=float, default=1.0,
+                     help="CPUs Ray reserves for each replica; also its torch threads (default 1)")
+    ray.add_argument("--ray-address", default=None,
+                     help="the Ray cluster to join (e.g. 'auto' on a node where `ray start` ran; "
+                          "default: $RAY_ADDRESS, else a new local instance)")
     srv.add_argument("--disable-log-stats", action="store_true", help="no periodic engine stats in the log")
     srv.add_argument("--uvicorn-log-level", default="info",
                      choices=["critical", "error", "warning", "info", "debug", "trace"])
@@ -198,11 +208,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     model = args.model or args.model_flag
     names = args.served_model_name or [model or DEFAULT_MODEL_NAME]
-    run_server(_llm_kwargs(args, model, seed=args.seed, disable_log_stats=args.disable_log_stats),
-               served_model_names=names, host=args.host, port=args.port, api_key=args.api_key,
+    llm_kwargs = _llm_kwargs(args, model, seed=args.seed, disable_log_stats=args.disable_log_stats)
+    if args.ray:
+        return _serve_on_ray(args, llm_kwargs, names)
+    run_server(llm_kwargs, served_model_names=names, host=args.host, port=args.port, api_key=args.api_key,
                limits=server_limits(args), shutdown_timeout=args.shutdown_timeout,
                allowed_origins=args.allowed_origins, enable_log_requests=args.enable_log_requests,
                uvicorn_log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log)
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, llm_kwargs: dict[str, Any], names: list[str]) -> int:
+    if args.num_replicas < 1:
+        raise SystemExit(f"quickdraft serve: --num-replicas must be at least 1, got {args.num_replicas}.")
+    if not args.num_cpus_per_replica > 0:
+        raise SystemExit(f"quickdraft serve: --num-cpus-per-replica must be positive, got {args.num_cpus_per_replica}.")
+    try:
+        from quickdraft.ray.serve import run_ray_server
+    except ImportError as e:
+        raise SystemExit(f"quickdraft serve --ray needs Ray Serve: pip install 'quickdraft[ray]' ({e}).") from None
+    from quickdraft.entrypoints.openai.api_server import resolve_api_key
+
+    run_ray_server(llm_kwargs, served_model_names=names, host=args.host, port=args.port,
+                   ray_address=args.ray_address, num_replicas=args.num_replicas,
+                   num_cpus_per_replica=args.num_cpus_per_replica, api_key=resolve_api_key(args.api_key),
+                   limits=server_limits(args), allowed_origins=args.allowed_origins,
+                   enable_log_requests=args.enable_log_requests, shutdown_timeout=args.shutdown_timeout)
     return 0
 
 
