@@ -333,3 +333,43 @@ def test_unexpected_error_is_a_plain_500_and_the_connection_stays_usable(limited
                 assert ok.status_code == 200, ok.text
     finally:
         serving.__dict__.pop("completion_items", None)
+
+
+def test_engine_loaded_on_its_own_thread(tiny_checkpoint, tiny_llm):
+    """AsyncLLM.load builds the LLM on the thread that then runs its engine (one OpenMP pool);
+    several requests added together give the offline answers with only final outputs
+    delivered; load errors are raised; an engine never started shuts down cleanly."""
+    builders: list[threading.Thread] = []
+
+    def build() -> LLM:
+        builders.append(threading.current_thread())
+        return LLM(str(tiny_checkpoint("llama")), **TINY)
+
+    engine = AsyncLLM.load(build)
+    assert builders[0] is not threading.main_thread() and not engine.is_running
+    engine.start()
+    assert engine.is_running and engine._thread is builders[0]
+    want = tiny_llm.generate(PROMPTS[:3], greedy(12), use_tqdm=False)
+
+    async def run() -> tuple[list, list]:
+        group = RequestGroup(engine, stream=False)
+        seen: list[int] = []
+        group_deliver = group._deliver
+        group._deliver = lambda item: (seen.append(1), group_deliver(item))[1]
+        errors = await group.add_many([(f"r{i}", p, engine.tokenizer.encode(p), greedy(12))
+                                       for i, p in enumerate(PROMPTS[:3])] + [("bad", "x", [10**6], greedy(12))])
+        return errors, await group.results(), seen
+
+    try:
+        errors, outs, seen = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert errors[:3] == [None] * 3 and isinstance(errors[3], ValueError) and "1000000" in str(errors[3])
+    assert [o.outputs[0].token_ids for o in outs] == [w.outputs[0].token_ids for w in want]
+    assert len(seen) == 3  # one (final) output per request, none per step
+    assert not builders[0].is_alive()
+    with pytest.raises(Exception, match="no-such-model"):
+        AsyncLLM.load(lambda: LLM("/no-such-model"))
+    idle = AsyncLLM.load(build)
+    idle.shutdown(timeout=10)
+    assert not builders[-1].is_alive()

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from quickdraft.llm import LLM
@@ -68,6 +68,7 @@ class _Add:
     sink: Callable[[Any], None]
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future
+    stream: bool = True
 
 
 @dataclasses.dataclass
@@ -110,12 +111,57 @@ class AsyncLLM:
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # request id -> (sink, loop); touched by the engine thread only.
         self._sinks: dict[str, tuple[Callable[[Any], None], asyncio.AbstractEventLoop]] = {}
+        # Requests that want every step's output; the others get only their final one, and while
+        # none streams the engine builds no per-step outputs at all.
+        self._streaming: set[str] = set()
         self._thread: threading.Thread | None = None
+        self._go: threading.Event | None = None  # set by start() when load() built the engine
         self.dead_error: BaseException | None = None
         self._metrics: list[Metric] = engine_metrics(self.engine)
 
+    @classmethod
+    def load(cls, factory: Callable[[], LLM], on_finished: Callable[[RequestOutput], None] | None = None
+             ) -> AsyncLLM:
+        """Build the `LLM` (``factory()``) on the thread that will run its engine, and return the
+        engine, not yet started; load errors are raised here.
+
+        Why: OpenMP keeps a pool of worker threads for every thread that starts parallel work.
+        An `LLM` built on one thread (which runs its warm-up on that thread's pool) and stepped
+        on another leaves two pools, more threads than cores on a small machine, and libgomp
+        then nearly stops its workers' spin-waiting: measured here, decoding on the engine
+        thread was 15% slower (23.0 s against 19.8 s for 256 prompts x 64 tokens) unless the
+        model was also loaded there. Call torch.set_num_threads inside ``factory`` too: the
+        setting is per thread."""
+        box: dict[str, Any] = {}
+        loaded, go = threading.Event(), threading.Event()
+
+        def main() -> None:
+            try:
+                box["llm"] = factory()
+            except BaseException as e:  # noqa: BLE001 - re-raised by load()
+                box["error"] = e
+                return
+            finally:
+                loaded.set()
+            go.wait()
+            box["engine"]._run()
+
+        thread = threading.Thread(target=main, name="quickdraft-engine", daemon=True)
+        thread.start()
+        loaded.wait()
+        if "error" in box:
+            raise box["error"]
+        engine = cls(box["llm"], on_finished)
+        box["engine"] = engine
+        engine._thread, engine._go = thread, go
+        return engine
+
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
+        if self._go is not None:  # built by load(): its thread waits to run the engine
+            self._go.set()
+            self._go = None
+            return
         if self._thread is not None:
             return
         self._thread = threading.Thread(target=self._run, name="quickdraft-engine", daemon=True)
@@ -125,12 +171,16 @@ class AsyncLLM:
         if self._thread is None:
             return
         self._commands.put(_Stop())
+        if self._go is not None:  # never started: let the thread see the stop and end
+            self._go.set()
+            self._go = None
         self._thread.join(timeout)
         self._thread = None
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.dead_error is None
+        return (self._thread is not None and self._go is None and self._thread.is_alive()
+                and self.dead_error is None)
 
     def get_metrics(self) -> list[Metric]:
         """The engine's metrics as of its last step (a snapshot, safe from any thread)."""
@@ -148,9 +198,10 @@ class AsyncLLM:
     # ---- requests -------------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                           params: SamplingParams, sink: Callable[[Any], None],
-                          arrival_time: float | None = None) -> None:
+                          arrival_time: float | None = None, stream: bool = True) -> None:
         """Queue a request; ``sink`` is called on this event loop with each of its outputs
-        (cumulative `RequestOutput`s, the last with ``finished``) or with a `_Failure`.
+        (cumulative `RequestOutput`s, the last with ``finished``; only the last one unless
+        ``stream``) or with a `_Failure`.
         Returns once the engine accepted it, raising its error (ValueError for invalid input)
         otherwise."""
         if not self.is_running:
@@ -158,7 +209,8 @@ class AsyncLLM:
                 SHUTTING_DOWN, shutting_down=True)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        self._commands.put(_Add(request_id, prompt, list(prompt_token_ids), params, arrival_time, sink, loop, done))
+        self._commands.put(_Add(request_id, prompt, list(prompt_token_ids), params, arrival_time, sink, loop, done,
+                                stream))
         try:
             await done
         except asyncio.CancelledError:
@@ -203,6 +255,7 @@ class AsyncLLM:
         if isinstance(cmd, _Abort):
             out = self.engine.abort_request(cmd.request_id)
             self._sinks.pop(cmd.request_id, None)
+            self._streaming.discard(cmd.request_id)
             if out is not None:
                 self._finished(out)
         elif isinstance(cmd, _Add):
@@ -216,16 +269,19 @@ class AsyncLLM:
             else:
                 error = None
                 self._sinks[cmd.request_id] = (cmd.sink, cmd.loop)
+                if cmd.stream:
+                    self._streaming.add(cmd.request_id)
             try:
                 cmd.loop.call_soon_threadsafe(_resolve, cmd.done, error)
             except RuntimeError:  # the caller's event loop is closed
                 self.engine.abort_request(cmd.request_id)
                 self._sinks.pop(cmd.request_id, None)
+                self._streaming.discard(cmd.request_id)
         return True
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step(stream=True)
+            outputs = self.engine.step(stream=bool(self._streaming))
         except Exception as e:  # noqa: BLE001 - keep serving: fail the batch, free its blocks
             logger.exception("Engine step failed; aborting the requests in flight")
             self._fail_all(e)
@@ -234,7 +290,10 @@ class AsyncLLM:
             target = self._sinks.get(out.request_id)
             if out.finished:
                 self._sinks.pop(out.request_id, None)
+                self._streaming.discard(out.request_id)
                 self._finished(out)
+            elif out.request_id not in self._streaming:
+                continue
             if target is not None:
                 sink, loop = target
                 try:
@@ -257,6 +316,7 @@ class AsyncLLM:
             except Exception:  # noqa: BLE001 - still tell every caller
                 logger.exception("Could not abort request %s", request_id)
         sinks, self._sinks = self._sinks, {}
+        self._streaming.clear()
         for request_id, (sink, loop) in sinks.items():
             try:
                 loop.call_soon_threadsafe(sink, _Failure(request_id, error))
@@ -286,11 +346,14 @@ class RequestGroup:
     reader holds one output per request. `abort()` aborts whatever is unfinished, e.g. when the
     client disconnected. ``timeout`` (seconds from creation) aborts the group and raises
     `RequestTimeoutError` from the reader. ``reserved`` admission slots (see the server's
-    limits) are given back through ``on_release`` as requests finish, abort or fail to add."""
+    limits) are given back through ``on_release`` as requests finish, abort or fail to add.
+    With ``stream=False`` only final outputs are delivered (a reader of `results()` needs no
+    more), which spares the engine thread a snapshot per request per step."""
 
     def __init__(self, engine: AsyncLLM, *, timeout: float | None = None, reserved: int = 0,
-                 on_release: Callable[[int], None] | None = None) -> None:
+                 on_release: Callable[[int], None] | None = None, stream: bool = True) -> None:
         self.engine = engine
+        self.stream = stream
         self.request_ids: list[str] = []
         self.unfinished: set[str] = set()
         self.final: dict[str, RequestOutput] = {}
@@ -323,7 +386,8 @@ class RequestGroup:
         # delivered on this loop before this coroutine resumes from the add.
         self.unfinished.add(request_id)
         try:
-            await self.engine.add_request(request_id, prompt, prompt_token_ids, params, self._deliver, arrival_time)
+            await self.engine.add_request(request_id, prompt, prompt_token_ids, params, self._deliver, arrival_time,
+                                          stream=self.stream)
         except BaseException:
             self.unfinished.discard(request_id)
             self._latest.pop(request_id, None)
@@ -331,6 +395,22 @@ class RequestGroup:
         self.request_ids.append(request_id)
         if self._reserved:
             self._reserved -= 1  # the slot now belongs to the running request
+
+    async def add_many(self, requests: Sequence[tuple[str, str | None, list[int], SamplingParams]],
+                       arrival_time: float | None = None) -> list[BaseException | None]:
+        """Add (request_id, prompt, prompt_token_ids, params) tuples together: they reach the
+        engine between the same two steps and start in one batch (added one after the other,
+        each would wait for a step, and the batch would fill one request per step). Returns each
+        one's error (e.g. ValueError for invalid input) or None; ``request_ids`` keeps their order."""
+        before = len(self.request_ids)
+        errors = await asyncio.gather(*(self.add(rid, prompt, ids, params, arrival_time)
+                                        for rid, prompt, ids, params in requests), return_exceptions=True)
+        added = set(self.request_ids[before:])
+        self.request_ids[before:] = [r[0] for r in requests if r[0] in added]
+        for e in errors:
+            if isinstance(e, asyncio.CancelledError):
+                raise e
+        return [e if isinstance(e, BaseException) else None for e in errors]
 
     def abort(self) -> None:
         for request_id in self.unfinished:

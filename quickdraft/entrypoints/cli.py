@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--num-replicas", type=int, default=1, help="replicas, each with its own engine (default 1)")
     ray.add_argument("--num-cpus-per-replica", type=float, default=1.0,
                      help="CPUs Ray reserves for each replica; also its torch threads (default 1)")
+    ray.add_argument("--num-gpus-per-replica", type=float, default=0.0,
+                     help="GPUs Ray reserves for each replica (with --device cuda; default 0)")
     ray.add_argument("--ray-address", default=None,
                      help="the Ray cluster to join (e.g. 'auto' on a node where `ray start` ran; "
                           "default: $RAY_ADDRESS, else a new local instance)")
@@ -231,7 +233,8 @@ def _serve_on_ray(args: argparse.Namespace, llm_kwargs: dict[str, Any], names: l
 
     run_ray_server(llm_kwargs, served_model_names=names, host=args.host, port=args.port,
                    ray_address=args.ray_address, num_replicas=args.num_replicas,
-                   num_cpus_per_replica=args.num_cpus_per_replica, api_key=resolve_api_key(args.api_key),
+                   num_cpus_per_replica=args.num_cpus_per_replica,
+                   num_gpus_per_replica=args.num_gpus_per_replica, api_key=resolve_api_key(args.api_key),
                    limits=server_limits(args), allowed_origins=args.allowed_origins,
                    enable_log_requests=args.enable_log_requests, shutdown_timeout=args.shutdown_timeout)
     return 0

@@ -36,7 +36,8 @@ class ProcessorConfig:
     ``model`` and ``engine_kwargs`` are `LLM`'s arguments (``speculative_config`` included);
     ``sampling_params`` are `SamplingParams` fields for every row (a row's own ``sampling_params``
     override them). ``concurrency`` replicas (actors), each with ``num_cpus_per_replica`` CPUs
-    (its torch threads); ``batch_size`` rows per Ray batch and ``max_concurrent_batches`` batches
+    (its torch threads) and ``num_gpus_per_replica`` GPUs (with ``engine_kwargs`` device
+    "cuda"); ``batch_size`` rows per Ray batch and ``max_concurrent_batches`` batches
     in flight per replica, whose requests the replica's engine batches together.
     ``preserve_order`` keeps the output rows in input order."""
 
@@ -45,8 +46,9 @@ class ProcessorConfig:
     sampling_params: dict[str, Any] = field(default_factory=dict)
     concurrency: int = 1
     batch_size: int = 16
-    max_concurrent_batches: int = 8
+    max_concurrent_batches: int = 16
     num_cpus_per_replica: float = 1.0
+    num_gpus_per_replica: float = 0.0
     preserve_order: bool = True
 
     def __post_init__(self) -> None:
@@ -56,6 +58,8 @@ class ProcessorConfig:
                 raise ValueError(f"ProcessorConfig.{name} must be a positive integer, got {value!r}.")
         if not self.num_cpus_per_replica > 0:
             raise ValueError(f"ProcessorConfig.num_cpus_per_replica must be positive, got {self.num_cpus_per_replica!r}.")
+        if not self.num_gpus_per_replica >= 0:
+            raise ValueError(f"ProcessorConfig.num_gpus_per_replica must be >= 0, got {self.num_gpus_per_replica!r}.")
         if "model" in self.engine_kwargs:
             raise ValueError("Give the model as ProcessorConfig.model, not in engine_kwargs.")
         # Fail on the driver, not in every actor: the defaults must make valid SamplingParams.
@@ -76,9 +80,12 @@ class LLMReplica:
         from quickdraft.entrypoints.async_engine import AsyncLLM
         from quickdraft.llm import LLM
 
-        torch.set_num_threads(max(1, num_threads))
-        self.llm = LLM(model=model, **engine_kwargs)
-        self.engine = AsyncLLM(self.llm)
+        def build() -> LLM:  # on the engine's own thread (see AsyncLLM.load)
+            torch.set_num_threads(max(1, num_threads))
+            return LLM(model=model, **engine_kwargs)
+
+        self.engine = AsyncLLM.load(build)
+        self.llm = self.engine.llm
         self.engine.start()
         self.tokenizer = self.llm.get_tokenizer()
         self.defaults = dict(sampling_params)
@@ -97,17 +104,19 @@ class LLMReplica:
                 prepared[i] = p
             except (ValueError, TypeError) as e:
                 errors[i] = f"{type(e).__name__}: {e}"
-        group = RequestGroup(self.engine)
+        group = RequestGroup(self.engine, stream=False)  # only final outputs: no per-step snapshots
         added: list[int] = []
         try:
-            for i, p in enumerate(prepared):
-                if p is None:
-                    continue
-                try:
-                    await group.add(f"ray-{next(self._ids)}", p.prompt, p.prompt_token_ids, p.params)
+            todo = [i for i, p in enumerate(prepared) if p is not None]
+            refused = await group.add_many([(f"ray-{next(self._ids)}", prepared[i].prompt, prepared[i].prompt_token_ids,
+                                             prepared[i].params) for i in todo])
+            for i, e in zip(todo, refused):
+                if e is None:
                     added.append(i)
-                except ValueError as e:  # refused by the engine (e.g. a grammar that does not compile)
+                elif isinstance(e, ValueError):  # refused by the engine (e.g. a grammar that does not compile)
                     errors[i] = f"ValueError: {e}"
+                else:
+                    raise e
             results = await group.results()
         except BaseException:
             group.abort()
@@ -154,7 +163,7 @@ class Processor:
                                    "num_threads": int(c.num_cpus_per_replica)},
             compute=ActorPoolStrategy(size=c.concurrency, max_tasks_in_flight_per_actor=c.max_concurrent_batches,
                                       max_concurrent_calls_per_actor=c.max_concurrent_batches),
-            num_cpus=c.num_cpus_per_replica)
+            num_cpus=c.num_cpus_per_replica, num_gpus=c.num_gpus_per_replica or None)
         if c.preserve_order:
             out.context.execution_options.preserve_order = True
         return out

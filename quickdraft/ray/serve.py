@@ -61,8 +61,11 @@ class QuickdraftServer:
         from quickdraft.entrypoints.openai.api_server import build_app
         from quickdraft.llm import LLM
 
-        torch.set_num_threads(max(1, num_threads))
-        self.engine = AsyncLLM(LLM(**llm_kwargs))
+        def build() -> LLM:  # on the engine's own thread (see AsyncLLM.load)
+            torch.set_num_threads(max(1, num_threads))
+            return LLM(**llm_kwargs)
+
+        self.engine = AsyncLLM.load(build)
         self.asgi_app = build_app(self.engine, served_model_names, **server_kwargs)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.asgi_app.add_middleware(_ReplicaHeader, replica_id=self.replica_id)
@@ -73,13 +76,15 @@ class QuickdraftServer:
 
 def build_serve_app(llm_kwargs: dict[str, Any], served_model_names: Sequence[str], *, num_replicas: int | None = 1,
                     autoscaling_config: dict[str, Any] | None = None, num_cpus_per_replica: float = 1.0,
+                    num_gpus_per_replica: float = 0.0,
                     api_key: str | None = None, limits: ServerLimits | None = None,
                     allowed_origins: Sequence[str] | None = None, enable_log_requests: bool = False,
                     max_ongoing_requests: int | None = None,
                     shutdown_timeout: float = 10.0) -> serve.Application:
     """A Serve application of ``num_replicas`` replicas (or ``autoscaling_config``, Serve's dict:
     ``min_replicas``, ``max_replicas``, ``target_ongoing_requests``...), each with
-    ``num_cpus_per_replica`` CPUs. ``max_ongoing_requests`` per replica defaults to what one
+    ``num_cpus_per_replica`` CPUs and ``num_gpus_per_replica`` GPUs (with ``llm_kwargs`` device
+    "cuda"). ``max_ongoing_requests`` per replica defaults to what one
     server admits (``max_num_seqs`` running + ``limits.max_waiting_requests``); Serve queues the
     rest in its proxy. On shutdown a replica's running requests get ``shutdown_timeout`` seconds
     to finish."""
@@ -93,7 +98,10 @@ def build_serve_app(llm_kwargs: dict[str, Any], served_model_names: Sequence[str
     if max_ongoing_requests is None:
         waiting = limits.max_waiting_requests if limits.max_waiting_requests is not None else 4096
         max_ongoing_requests = int(llm_kwargs.get("max_num_seqs") or 256) + waiting
-    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": num_cpus_per_replica},
+    actor_options: dict[str, Any] = {"num_cpus": num_cpus_per_replica}
+    if num_gpus_per_replica:
+        actor_options["num_gpus"] = num_gpus_per_replica
+    options: dict[str, Any] = {"ray_actor_options": actor_options,
                                "max_ongoing_requests": max_ongoing_requests,
                                "graceful_shutdown_timeout_s": shutdown_timeout}
     if autoscaling_config is not None:

@@ -282,8 +282,7 @@ def run_server(llm_kwargs: dict[str, Any], *, served_model_names: Sequence[str],
     api_key = resolve_api_key(api_key)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logger.warning("Serving on %s without an API key: anyone who can reach it can use it.", host)
-    llm = LLM(**llm_kwargs)
-    engine = AsyncLLM(llm)
+    engine = AsyncLLM.load(lambda: LLM(**llm_kwargs))  # built on its engine thread (see AsyncLLM.load)
     app = build_app(engine, served_model_names, api_key=api_key, limits=limits, allowed_origins=allowed_origins,
                     enable_log_requests=enable_log_requests)
     logger.info("Serving %s on http://%s:%d", served_model_names[0], host, port)

@@ -45,7 +45,7 @@ async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionReq
     params = serving.sampling_params(body, max_tokens=max_tokens, logprobs=top_n)
     prompt = await serving.run_blocking(_prepare, serving, body, params)
     base_id = new_id("chatcmpl")
-    group = serving.new_group(1)
+    group = serving.new_group(1, stream=bool(body.stream))
     await serving.add_all(group, base_id, [prompt], params, arrival)
     created = int(arrival)
     if body.stream:

@@ -47,7 +47,7 @@ async def create_completion(serving: OpenAIServing, body: CompletionRequest, req
                                      prompt_logprobs=body.logprobs if echo and body.logprobs is not None else None)
     prompts = await serving.run_blocking(_prepare, serving, items, body, params)
     base_id = new_id("cmpl")
-    group = serving.new_group(len(prompts))
+    group = serving.new_group(len(prompts), stream=bool(body.stream))
     await serving.add_all(group, base_id, prompts, params, arrival)
     created = int(arrival)
     if body.stream:

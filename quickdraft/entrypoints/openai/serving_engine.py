@@ -327,11 +327,12 @@ class OpenAIServing:
         return Prompt(text, self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     # -- running requests -------------------------------------------------------------------------
-    def new_group(self, num_requests: int) -> RequestGroup:
-        """A request group holding ``num_requests`` admission slots (503 if the server is full)."""
+    def new_group(self, num_requests: int, *, stream: bool) -> RequestGroup:
+        """A request group holding ``num_requests`` admission slots (503 if the server is full);
+        ``stream``: the response is streamed (else only final outputs are delivered)."""
         self.admission.acquire(num_requests)
         return RequestGroup(self.engine, timeout=self.limits.request_timeout, reserved=num_requests,
-                            on_release=self.admission.release)
+                            on_release=self.admission.release, stream=stream)
 
     async def add_all(self, group: RequestGroup, base_id: str, prompts: list[Prompt], params: SamplingParams,
                       arrival: float) -> None:
@@ -340,8 +341,11 @@ class OpenAIServing:
                 logger.info("Request %s-%d: prompt %r, prompt_token_ids %s, params %s", base_id, i, p.text,
                             p.token_ids, params)
         try:
-            for i, p in enumerate(prompts):
-                await group.add(f"{base_id}-{i}", p.text, p.token_ids, params, arrival)
+            errors = await group.add_many([(f"{base_id}-{i}", p.text, p.token_ids, params)
+                                           for i, p in enumerate(prompts)], arrival)
+            for e in errors:
+                if e is not None:
+                    raise e
         except ValueError as e:
             group.abort()
             raise bad_request(e) from None
