@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from quickdraft.spec_decode.metrics import acceptance_rate, mean_acceptance_length
+from quickdraft.spec_decode.metrics import AcceptanceFigures
 
 
 @dataclass
@@ -23,7 +23,7 @@ PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
-class RequestMetrics:
+class RequestMetrics(AcceptanceFigures):
     """Per-request timings (seconds since the epoch) and speculative-decoding figures."""
 
     arrival_time: float
@@ -49,16 +49,6 @@ class RequestMetrics:
         if self.finished_time is None:
             return None
         return self.finished_time - self.arrival_time
-
-    @property
-    def acceptance_rate(self) -> float | None:
-        """Accepted / drafted tokens; None when nothing was drafted."""
-        return acceptance_rate(self.num_accepted_tokens, self.num_draft_tokens)
-
-    @property
-    def mean_acceptance_length(self) -> float | None:
-        """Tokens emitted per drafting step: 1 + accepted / drafts; None without drafts."""
-        return mean_acceptance_length(self.num_accepted_tokens, self.num_drafts)
 
 
 @dataclass

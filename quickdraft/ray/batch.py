@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from quickdraft.ray.rows import OUTPUT_COLUMNS, PreparedRow, output_columns, prepare_row
-from quickdraft.spec_decode.metrics import acceptance_rate, mean_acceptance_length
+from quickdraft.spec_decode.metrics import AcceptanceFigures
 
 if TYPE_CHECKING:
     import pyarrow
@@ -46,7 +46,7 @@ class ProcessorConfig:
     sampling_params: dict[str, Any] = field(default_factory=dict)
     concurrency: int = 1
     batch_size: int = 16
-    max_concurrent_batches: int = 16
+    max_concurrent_batches: int = 8
     num_cpus_per_replica: float = 1.0
     num_gpus_per_replica: float = 0.0
     preserve_order: bool = True
@@ -174,7 +174,7 @@ def build_processor(config: ProcessorConfig) -> Processor:
 
 
 @dataclass
-class BatchSummary:
+class BatchSummary(AcceptanceFigures):
     """A finished job's totals, speculation counters summed over every row (so over replicas)."""
 
     num_rows: int
@@ -184,16 +184,6 @@ class BatchSummary:
     num_drafts: int
     num_draft_tokens: int
     num_accepted_tokens: int
-
-    @property
-    def acceptance_rate(self) -> float | None:
-        """Accepted / drafted tokens; None when nothing was drafted."""
-        return acceptance_rate(self.num_accepted_tokens, self.num_draft_tokens)
-
-    @property
-    def mean_acceptance_length(self) -> float | None:
-        """Tokens emitted per drafting step: 1 + accepted / drafts; None without drafts."""
-        return mean_acceptance_length(self.num_accepted_tokens, self.num_drafts)
 
     def __str__(self) -> str:
         line = (f"{self.num_rows} rows ({self.num_errors} failed): {self.num_input_tokens} input tokens, "

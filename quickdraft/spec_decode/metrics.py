@@ -15,8 +15,27 @@ def mean_acceptance_length(num_accepted_tokens: int, num_drafts: int) -> float |
     return 1.0 + num_accepted_tokens / num_drafts if num_drafts else None
 
 
+class AcceptanceFigures:
+    """The two figures users tune with, for any class counting ``num_drafts``,
+    ``num_draft_tokens`` and ``num_accepted_tokens`` (a request, an engine, a batch job)."""
+
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / drafted tokens; None when nothing was drafted."""
+        return acceptance_rate(self.num_accepted_tokens, self.num_draft_tokens)
+
+    @property
+    def mean_acceptance_length(self) -> float | None:
+        """Tokens emitted per drafting step: 1 + accepted / drafts; None without drafts."""
+        return mean_acceptance_length(self.num_accepted_tokens, self.num_drafts)
+
+
 @dataclass
-class SpecDecodeStats:
+class SpecDecodeStats(AcceptanceFigures):
     num_speculative_tokens: int
     num_drafts: int = 0
     num_draft_tokens: int = 0
@@ -45,14 +64,6 @@ class SpecDecodeStats:
         self.num_accepted_tokens += num_accepted
         for i in range(num_accepted):
             self.accepted_per_pos[i] += 1
-
-    @property
-    def acceptance_rate(self) -> float | None:
-        return acceptance_rate(self.num_accepted_tokens, self.num_draft_tokens)
-
-    @property
-    def mean_acceptance_length(self) -> float | None:
-        return mean_acceptance_length(self.num_accepted_tokens, self.num_drafts)
 
     def per_position_rates(self) -> list[float]:
         return [a / self.num_drafts if self.num_drafts else 0.0 for a in self.accepted_per_pos]
