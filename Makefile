@@ -51,6 +51,7 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/suffix_cache.py
 	$(PY) benchmarks/structured.py
 	$(PY) benchmarks/structured.py --compact
+	$(PY) benchmarks/ray_batch.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

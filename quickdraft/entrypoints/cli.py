@@ -4,7 +4,7 @@
     quickdraft serve [MODEL] [--port 8000] [--speculative-config '{"method": "ngram", ...}']
     quickdraft serve [MODEL] --ray --num-replicas 2     (replicas on Ray Serve)
     quickdraft generate "def fibonacci(n):" [--stream] [--chat] [--temperature 0] [--max-tokens 64]
-    quickdraft bench throughput|spec|serve|coupling|prefix|llamacpp|cross|suffix|structured [ARGS...]
+    quickdraft bench throughput|spec|serve|coupling|prefix|llamacpp|cross|suffix|structured|ray [ARGS...]
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from quickdraft.entrypoints.openai.limits import ServerLimits
 
 BENCHMARKS = {"throughput": "throughput.py", "spec": "spec_decode.py", "serve": "serve_load.py",
               "coupling": "coupling.py", "prefix": "prefix_cache.py", "llamacpp": "vs_llamacpp.py",
-              "cross": "cross_request.py", "suffix": "suffix_cache.py", "structured": "structured.py"}
+              "cross": "cross_request.py", "suffix": "suffix_cache.py", "structured": "structured.py",
+              "ray": "ray_batch.py"}
 
 
 def _json_dict(value: str) -> dict[str, Any]:
