@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from quickdraft import LLM, SamplingParams  # noqa: E402
 from quickdraft.ray import ProcessorConfig, build_processor, summarize  # noqa: E402
 from quickdraft.ray.rows import OUTPUT_COLUMNS, prepare_row, sampling_params_for  # noqa: E402
 from quickdraft.ray.serve import REPLICA_HEADER  # noqa: E402
+from test_server import free_port, wait_healthy  # noqa: E402
 from tiny_models import self_copy_prompts  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -180,12 +179,6 @@ def test_smollm2_batch_on_two_replicas_equals_llm_chat(local_ray, smollm2_gguf, 
 
 
 # ---- Ray Serve, through the CLI ---------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_two_replicas_through_the_cli(tiny_checkpoint):
     """`quickdraft serve --ray --num-replicas 2` (its own local Ray instance): the openai client
     gets the offline greedy answers, streamed too; both replicas served; errors and /metrics are
@@ -202,16 +195,10 @@ def test_serve_two_replicas_through_the_cli(tiny_checkpoint):
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the Serve app did not come up"
-            time.sleep(1)
+        try:
+            wait_healthy(url, 240, alive=lambda: proc.poll() is None, poll=1)
+        except RuntimeError as e:
+            pytest.fail(f"{e}: {proc.stderr.read().decode()[-3000:] if proc.poll() is not None else ''}")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         prompts = [*[{"prompt_token_ids": p} for p in self_copy_prompts(llm, [70, 90], seed=3)],
                    *[{"prompt": f"{t}: the quick brown fox"} for t in TOPICS]]

@@ -36,6 +36,12 @@ PROMPTS = ["def fibonacci(n):", "The quick brown fox", "import torch\nx = ", "| 
 REPO = Path(__file__).resolve().parent.parent
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_healthy(url: str, timeout: float, alive: Callable[[], bool] = lambda: True, poll: float = 0.05) -> None:
     """Poll ``url``/health until it answers 200; ``alive()`` false (a server process that
     exited) or the timeout raises."""

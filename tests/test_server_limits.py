@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import time
 import pytest
 
 httpx = pytest.importorskip("httpx")
-from test_server import NAME, PROMPTS, REPO, Server, greedy, wait_healthy, wait_until  # noqa: E402
+from test_server import NAME, PROMPTS, REPO, Server, free_port, greedy, wait_healthy, wait_until  # noqa: E402
 
 from quickdraft import LLM  # noqa: E402
 from quickdraft.entrypoints.async_engine import CRASHED, AsyncLLM, RequestGroup  # noqa: E402
@@ -282,9 +281,7 @@ def test_shutdown_aborts_what_does_not_finish_in_the_grace_period(tiny_checkpoin
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_cli_server_exits_cleanly_on_signal(tiny_checkpoint, sig):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "quickdraft", "serve", str(tiny_checkpoint("llama")), "--port",
                              str(port), "--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory", "8MiB",
                              "--shutdown-timeout", "5", "--disable-log-stats"], cwd=REPO, stderr=subprocess.PIPE,

@@ -120,23 +120,27 @@ class AsyncLLM:
         self._metrics: list[Metric] = engine_metrics(self.engine)
 
     @classmethod
-    def load(cls, factory: Callable[[], LLM], on_finished: Callable[[RequestOutput], None] | None = None
-             ) -> AsyncLLM:
+    def load(cls, factory: Callable[[], LLM], on_finished: Callable[[RequestOutput], None] | None = None, *,
+             num_threads: int | None = None) -> AsyncLLM:
         """Build the `LLM` (``factory()``) on the thread that will run its engine, and return the
-        engine, not yet started; load errors are raised here.
+        engine, not yet started; load errors are raised here. ``num_threads`` sets that thread's
+        torch (and native kernel) threads first: the setting is per thread.
 
         Why: OpenMP keeps a pool of worker threads for every thread that starts parallel work.
         An `LLM` built on one thread (which runs its warm-up on that thread's pool) and stepped
         on another leaves two pools, more threads than cores on a small machine, and libgomp
         then nearly stops its workers' spin-waiting: measured here, decoding on the engine
         thread was 15% slower (23.0 s against 19.8 s for 256 prompts x 64 tokens) unless the
-        model was also loaded there. Call torch.set_num_threads inside ``factory`` too: the
-        setting is per thread."""
+        model was also loaded there."""
         box: dict[str, Any] = {}
         loaded, go = threading.Event(), threading.Event()
 
         def main() -> None:
             try:
+                if num_threads is not None:
+                    import torch
+
+                    torch.set_num_threads(max(1, num_threads))
                 box["llm"] = factory()
             except BaseException as e:  # noqa: BLE001 - re-raised by load()
                 box["error"] = e
@@ -254,8 +258,7 @@ class AsyncLLM:
             return False
         if isinstance(cmd, _Abort):
             out = self.engine.abort_request(cmd.request_id)
-            self._sinks.pop(cmd.request_id, None)
-            self._streaming.discard(cmd.request_id)
+            self._forget(cmd.request_id)
             if out is not None:
                 self._finished(out)
         elif isinstance(cmd, _Add):
@@ -275,9 +278,12 @@ class AsyncLLM:
                 cmd.loop.call_soon_threadsafe(_resolve, cmd.done, error)
             except RuntimeError:  # the caller's event loop is closed
                 self.engine.abort_request(cmd.request_id)
-                self._sinks.pop(cmd.request_id, None)
-                self._streaming.discard(cmd.request_id)
+                self._forget(cmd.request_id)
         return True
+
+    def _forget(self, request_id: str) -> None:
+        self._sinks.pop(request_id, None)
+        self._streaming.discard(request_id)
 
     def _step(self) -> None:
         try:
@@ -289,8 +295,7 @@ class AsyncLLM:
         for out in outputs:
             target = self._sinks.get(out.request_id)
             if out.finished:
-                self._sinks.pop(out.request_id, None)
-                self._streaming.discard(out.request_id)
+                self._forget(out.request_id)
                 self._finished(out)
             elif out.request_id not in self._streaming:
                 continue
@@ -300,7 +305,7 @@ class AsyncLLM:
                     loop.call_soon_threadsafe(sink, _snapshot(out))
                 except RuntimeError:  # the caller's event loop is closed: nobody is listening
                     self.engine.abort_request(out.request_id)
-                    self._sinks.pop(out.request_id, None)
+                    self._forget(out.request_id)
 
     def _finished(self, out: RequestOutput) -> None:
         if self.on_finished is not None:

@@ -75,16 +75,11 @@ class LLMReplica:
 
     def __init__(self, model: str | None, engine_kwargs: dict[str, Any], sampling_params: dict[str, Any],
                  num_threads: int) -> None:
-        import torch
-
         from quickdraft.entrypoints.async_engine import AsyncLLM
         from quickdraft.llm import LLM
 
-        def build() -> LLM:  # on the engine's own thread (see AsyncLLM.load)
-            torch.set_num_threads(max(1, num_threads))
-            return LLM(model=model, **engine_kwargs)
-
-        self.engine = AsyncLLM.load(build)
+        # built on the engine's own thread (see AsyncLLM.load)
+        self.engine = AsyncLLM.load(lambda: LLM(model=model, **engine_kwargs), num_threads=num_threads)
         self.llm = self.engine.llm
         self.engine.start()
         self.tokenizer = self.llm.get_tokenizer()
@@ -98,10 +93,8 @@ class LLMReplica:
         errors: list[str | None] = [None] * len(rows)
         prepared: list[PreparedRow | None] = [None] * len(rows)
         for i, row in enumerate(rows):
-            try:
-                p = prepare_row(row, self.defaults, self.tokenizer)
-                self.engine.validate_request(p.prompt_token_ids, p.params)
-                prepared[i] = p
+            try:  # the engine checks the rest (length, vocabulary) when the row is added
+                prepared[i] = prepare_row(row, self.defaults, self.tokenizer)
             except (ValueError, TypeError) as e:
                 errors[i] = f"{type(e).__name__}: {e}"
         group = RequestGroup(self.engine, stream=False)  # only final outputs: no per-step snapshots
@@ -113,7 +106,7 @@ class LLMReplica:
             for i, e in zip(todo, refused):
                 if e is None:
                     added.append(i)
-                elif isinstance(e, ValueError):  # refused by the engine (e.g. a grammar that does not compile)
+                elif isinstance(e, ValueError):  # refused by the engine: too long, out of vocabulary...
                     errors[i] = f"ValueError: {e}"
                 else:
                     raise e

@@ -33,17 +33,6 @@ class PreparedRow:
     params: SamplingParams
 
 
-def _plain(value: Any) -> Any:
-    """numpy arrays and scalars (as Ray's numpy or pandas batches hold them) to Python values."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def sampling_params_for(defaults: Mapping[str, Any], overrides: Any) -> SamplingParams:
     """The processor's sampling parameters updated with a row's own. In a dataset whose rows set
     different fields, Arrow stores every field in every row: a None field counts as not given."""
@@ -51,7 +40,7 @@ def sampling_params_for(defaults: Mapping[str, Any], overrides: Any) -> Sampling
         overrides = {}
     if not isinstance(overrides, Mapping):
         raise ValueError(f"sampling_params must be a dict of SamplingParams fields, got {overrides!r}.")
-    merged = {**defaults, **{k: v for k, v in _plain(dict(overrides)).items() if v is not None}}
+    merged = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
     unknown = sorted(set(merged) - _SAMPLING_FIELDS)
     if unknown:
         raise ValueError(f"Unknown sampling parameter(s) {', '.join(map(repr, unknown))}.")
@@ -68,7 +57,7 @@ def prepare_row(row: Mapping[str, Any], defaults: Mapping[str, Any], tokenizer: 
     if len(given) != 1:
         raise ValueError(f"A row needs exactly one of {', '.join(PROMPT_COLUMNS)}; "
                          f"it has {', '.join(given) if given else 'none'}.")
-    value = _plain(row[given[0]])
+    value = row[given[0]]
     if given[0] == "prompt":
         if not isinstance(value, str):
             raise ValueError(f"prompt must be a string, got {type(value).__name__}.")

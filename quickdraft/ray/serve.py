@@ -55,17 +55,12 @@ class QuickdraftServer:
 
     def __init__(self, llm_kwargs: dict[str, Any], served_model_names: list[str], server_kwargs: dict[str, Any],
                  num_threads: int) -> None:
-        import torch
-
         from quickdraft.entrypoints.async_engine import AsyncLLM
         from quickdraft.entrypoints.openai.api_server import build_app
         from quickdraft.llm import LLM
 
-        def build() -> LLM:  # on the engine's own thread (see AsyncLLM.load)
-            torch.set_num_threads(max(1, num_threads))
-            return LLM(**llm_kwargs)
-
-        self.engine = AsyncLLM.load(build)
+        # built on the engine's own thread (see AsyncLLM.load)
+        self.engine = AsyncLLM.load(lambda: LLM(**llm_kwargs), num_threads=num_threads)
         self.asgi_app = build_app(self.engine, served_model_names, **server_kwargs)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.asgi_app.add_middleware(_ReplicaHeader, replica_id=self.replica_id)
