@@ -138,8 +138,11 @@ def server(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def spec_server(tiny_checkpoint):
     """n-gram speculation on the tiny Mistral, whose self-copying prompts (`self_copy_prompts`)
-    make accepted drafts certain on any CPU; a random model's repetitions are only luck."""
-    s = Server(LLM(str(tiny_checkpoint("mistral")), speculative_config=NGRAM, **TINY_KW), [NAME])
+    make accepted drafts certain on any CPU; a random model's repetitions are only luck. The
+    draft length is fixed, so that whole 3-token drafts are certain too (the adaptive policy's
+    lengths follow step costs timed at start, which a busy machine skews)."""
+    spec = {**NGRAM, "draft_length_policy": "fixed"}
+    s = Server(LLM(str(tiny_checkpoint("mistral")), speculative_config=spec, **TINY_KW), [NAME])
     yield s
     s.close()
 
