@@ -377,8 +377,12 @@ def test_disconnect_aborts_and_frees_kv_blocks(server):
             "stream": True}
     with server.gated(40):  # 40 steps cannot finish 230 tokens: the request is running when we leave
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+            # Hold the line iterator: a generator dropped at `break` is finalized at once, and
+            # httpcore closes the connection on its GeneratorExit, so the abort below would race
+            # the assertion (a busy machine lost that race). The connection closes with the block.
+            lines = r.iter_lines()
             got = 0
-            for line in r.iter_lines():
+            for line in lines:
                 if line.startswith("data: "):
                     got += 1
                 if got == 3:
