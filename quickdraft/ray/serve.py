@@ -109,24 +109,49 @@ def build_serve_app(llm_kwargs: dict[str, Any], served_model_names: Sequence[str
     return deployment.bind(dict(llm_kwargs), list(served_model_names), server_kwargs, int(num_cpus_per_replica))
 
 
+class _StopDeploying(BaseException):
+    """SIGTERM or SIGINT while Ray starts or the replicas deploy (a BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way swallows it)."""
+
+
 def run_ray_server(llm_kwargs: dict[str, Any], *, served_model_names: Sequence[str], host: str = "127.0.0.1",
                    port: int = 8000, ray_address: str | None = None, **app_kwargs: Any) -> None:
     """Connect to Ray (``ray_address``, or a local instance), deploy the app on Serve's proxy at
-    ``host:port`` and serve until SIGTERM or SIGINT; then delete the replicas and disconnect."""
+    ``host:port`` and serve until SIGTERM or SIGINT; then delete the replicas and disconnect.
+
+    The signals are handled from the start: one that comes while Ray starts or the replicas
+    deploy (the proxy may already serve from the first replica that is up) interrupts the
+    deployment, which is then deleted the same way, and the call returns normally."""
     import ray
 
-    ray.init(address=ray_address, include_dashboard=False)
+    stop = threading.Event()
+    deploying = [True]
+
+    def on_signal(*_: Any) -> None:
+        stop.set()
+        if deploying[0]:
+            deploying[0] = False  # raise once; the cleanup below runs undisturbed
+            raise _StopDeploying
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(build_serve_app(llm_kwargs, served_model_names, **app_kwargs), name="quickdraft",
-                  route_prefix="/")
-        logger.info("Serving %s on http://%s:%d with Ray Serve", served_model_names[0], host, port)
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        while not stop.wait(1.0):
-            pass
+        try:
+            ray.init(address=ray_address, include_dashboard=False)
+            serve.start(http_options={"host": host, "port": port})
+            serve.run(build_serve_app(llm_kwargs, served_model_names, **app_kwargs), name="quickdraft",
+                      route_prefix="/")
+            deploying[0] = False
+            logger.info("Serving %s on http://%s:%d with Ray Serve", served_model_names[0], host, port)
+            while not stop.wait(1.0):
+                pass
+        except _StopDeploying:
+            logger.info("Interrupted while deploying")
+        deploying[0] = False
         logger.info("Shutting down: deleting the replicas")
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        deploying[0] = False
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
