@@ -45,6 +45,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/vs_llamacpp.py
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/isa_paths.py
 	$(PY) benchmarks/spec_decode.py
 	$(PY) benchmarks/coupling.py
 	$(PY) benchmarks/prefix_cache.py
