@@ -547,7 +547,8 @@ def spec_for(method: str, perturbed, k: int, arch: str = "mistral", **kw) -> dic
     says otherwise: these tests assert that drafts were accepted, and the adaptive policy's
     lengths follow step costs timed at start (on a machine where they look steep it only probes
     one token now and then, and the sampled texts here then had no accepted drafts). The policy
-    has its own tests (test_adaptive.py), and the greedy test below runs ngram with it."""
+    has its own tests (test_adaptive.py), and test_greedy_with_speculation_equals_plain_greedy
+    runs ngram with it."""
     if method == "ngram":
         return ngram(k, **{"draft_length_policy": "fixed", **kw})
     if method == "suffix":
