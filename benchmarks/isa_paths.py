@@ -99,7 +99,7 @@ def main() -> None:
     med = {isa: {k: statistics.median(r[k] for r in rs) for k in ("b1_tok_s", "b32_tok_s", "step6")}
            for isa, rs in runs.items()}
     ref = runs[auto][0]["tokens"]
-    print(f"| variant | batch-1 tok/s | vs auto | batch-32 tok/s | vs auto | 6-row step / 1-row | same tokens |")
+    print("| variant | batch-1 tok/s | vs auto | batch-32 tok/s | vs auto | 6-row step / 1-row | same tokens |")
     print("|---|---|---|---|---|---|---|")
     for isa in isas:
         m, same = med[isa], all(r["tokens"] == ref for r in runs[isa])
