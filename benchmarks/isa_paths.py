@@ -83,14 +83,12 @@ def main() -> None:
         child(args.new_tokens, args.batch_new_tokens)
         return
 
-    from quickdraft.kernels import default_quant_isa, quant_isas
+    from quickdraft.kernels import cpu_flags, default_quant_isa, quant_isas
 
     isas, auto = quant_isas(), default_quant_isa()
     if not isas:
         sys.exit("no native integer kernels on this machine (no compiler, or no AVX2)")
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    print("CPU flags of interest:", " ".join(sorted(x for x in flags if x.startswith(("avx", "amx", "fma")))))
+    print("CPU flags of interest:", " ".join(sorted(x for x in cpu_flags() if x.startswith(("avx", "amx", "fma")))))
     print(f"variants: {isas}; auto picks {auto!r}\n")
     runs: dict[str, list[dict]] = {isa: [] for isa in isas}
     for rep in range(args.repeats):

@@ -144,9 +144,8 @@ def run_ray_server(llm_kwargs: dict[str, Any], *, served_model_names: Sequence[s
             logger.info("Serving %s on http://%s:%d with Ray Serve", served_model_names[0], host, port)
             while not stop.wait(1.0):
                 pass
-        except _StopDeploying:
+        except _StopDeploying:  # the handler has cleared `deploying`
             logger.info("Interrupted while deploying")
-        deploying[0] = False
         logger.info("Shutting down: deleting the replicas")
     finally:
         deploying[0] = False
