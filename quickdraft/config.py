@@ -124,3 +124,4 @@ class EngineConfig:
     quantization: str | None = None
     enable_prefix_caching: bool = True
     structured_outputs_backend: str = "auto"  # "auto" | "xgrammar" | "guidance"
+    max_logprobs: int = 20  # most logprobs / prompt_logprobs a request may ask for; -1: the vocabulary

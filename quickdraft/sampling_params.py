@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,10 @@ MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
 
 
 STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+# JSON outputs: between two JSON tokens, by default, nothing, one space, or a newline and at
+# most this many spaces or tabs of indentation (llama.cpp's JSON grammars' rule). Enough to
+# pretty-print nested objects; a small model can no longer write whitespace until max_tokens.
+DEFAULT_MAX_INDENT = 20
 
 
 @dataclass
@@ -24,8 +29,12 @@ class StructuredOutputsParams:
     exactly one of ``json`` (a JSON schema, as a dict or its text), ``regex`` (the whole output
     must match it), ``choice`` (the output is one of these strings), ``grammar`` (EBNF or Lark)
     or ``json_object=True`` (any JSON object). ``disable_any_whitespace`` makes JSON compact
-    (no free whitespace between tokens); ``disable_additional_properties`` treats a schema's
-    objects as closed where it does not say otherwise."""
+    (no whitespace between tokens); otherwise the whitespace between two JSON tokens is
+    nothing, one space, or a newline and at most ``max_indent`` spaces or tabs (default 20, as
+    llama.cpp's JSON grammars allow), or with ``max_indent=None`` any whitespace of any length
+    (vLLM's default, in which a small model can write whitespace until max_tokens);
+    ``disable_additional_properties`` treats a schema's objects as closed where it does not
+    say otherwise."""
 
     json: str | dict | None = None
     regex: str | None = None
@@ -34,6 +43,7 @@ class StructuredOutputsParams:
     json_object: bool | None = None
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
+    max_indent: int | None = DEFAULT_MAX_INDENT
 
     def __post_init__(self) -> None:
         given = [k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False)]
@@ -61,6 +71,9 @@ class StructuredOutputsParams:
             bad = [c for c in self.choice if not isinstance(c, str) or not c]
             if bad:
                 raise ValueError(f"structured_outputs.choice must hold non-empty strings, got {bad[0]!r}.")
+        if self.max_indent is not None and (not _is_int(self.max_indent) or self.max_indent < 0):
+            raise ValueError(f"structured_outputs.max_indent must be an integer >= 0, or None (any whitespace), "
+                             f"got {self.max_indent!r}.")
         if self.json_object not in (None, True, False):
             raise ValueError(f"structured_outputs.json_object must be a boolean, got {self.json_object!r}.")
 
@@ -75,7 +88,7 @@ class StructuredOutputsParams:
             spec = json.dumps(spec, sort_keys=True)
         elif isinstance(spec, list):
             spec = tuple(spec)
-        return (self.kind, spec, self.disable_any_whitespace, self.disable_additional_properties)
+        return (self.kind, spec, self.disable_any_whitespace, self.disable_additional_properties, self.max_indent)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StructuredOutputsParams":
@@ -141,13 +154,18 @@ class SamplingParams:
             self.stop = [self.stop]
         else:
             self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else [int(t) for t in self.stop_token_ids]
+        for name in ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
+                     "truncate_prompt_tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, _as_int(value, name))
+        self.stop_token_ids = [] if self.stop_token_ids is None else _token_ids(self.stop_token_ids, "stop_token_ids")
         if self.top_k == -1:
             self.top_k = 0
         if self.logit_bias is not None:
             self.logit_bias = _int_keyed(self.logit_bias)
         if self.allowed_token_ids is not None:
-            self.allowed_token_ids = list(self.allowed_token_ids)
+            self.allowed_token_ids = _token_ids(self.allowed_token_ids, "allowed_token_ids")
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
@@ -230,6 +248,30 @@ class SamplingParams:
             raise ValueError(f"truncate_prompt_tokens must be >= 1, got {t!r}.")
 
 
+def _as_int(value: object, name: str) -> int:
+    """An integer setting as a Python int: ints and integer types such as numpy's are taken,
+    bools, floats (8.5, and 8.0 too) and strings are refused with a message naming ``name``."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise ValueError(f"{name} must be an integer, got {value!r}.")
+
+
+def _token_ids(values: object, name: str) -> list[int]:
+    """A list of token ids as Python ints (numpy integers welcome)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a list of token ids, got {values!r}.")
+    out = []
+    for v in values:
+        try:
+            out.append(_as_int(v, name))
+        except ValueError:
+            raise ValueError(f"{name} must be a list of integer token ids, got {v!r} in it.") from None
+    return out
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -244,11 +286,15 @@ def _int_keyed(bias: object) -> dict[int, float]:
         raise ValueError(f"logit_bias must be a dict of token id -> bias, got {bias!r}.")
     out = {}
     for key, value in bias.items():
-        try:
-            token = int(key)
-        except (TypeError, ValueError):
-            raise ValueError(f"logit_bias keys must be token ids, got {key!r}.") from None
-        if isinstance(key, float) and key != token:
-            raise ValueError(f"logit_bias keys must be token ids, got {key!r}.")
-        out[token] = value
+        if isinstance(key, str):  # JSON's keys
+            try:
+                token = int(key)
+            except ValueError:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}.") from None
+        else:
+            try:
+                token = _as_int(key, "logit_bias keys")
+            except ValueError:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}.") from None
+        out[token] = float(value) if _is_number(value) else value
     return out

@@ -139,25 +139,28 @@ def test_bad_rows_get_their_error_and_the_others_run(local_ray, tiny_checkpoint,
     rows = [good[0], {"prompt": "x", "sampling_params": {"temperature": -1.0}}, good[1],
             {"prompt": "word " * 400}, good[2], {"messages": None, "prompt": None}, good[3],
             {"prompt_token_ids": [5, 10**6]}, good[4],
-            {"prompt": "a", "sampling_params": {"max_tokens": 0}}, good[5]]
+            {"prompt": "a", "sampling_params": {"max_tokens": 0}}, good[5],
+            # valid, but its constraints leave no token: the engine aborts it alone while its batch runs
+            {"prompt": "a", "sampling_params": {"bad_words": ["a"], "structured_outputs": {"regex": "a"}}}]
     rows = [{"id": i, "prompt": None, "messages": None, "prompt_token_ids": None, "sampling_params": None, **r}
             for i, r in enumerate(rows)]
     config = ProcessorConfig(model=path, engine_kwargs=TINY, sampling_params=GREEDY, concurrency=2, batch_size=4)
     ds = build_processor(config)(ray.data.from_items(rows)).materialize()
     got = ds.take_all()
     errors = {g["id"]: g["error"] for g in got if g["error"] is not None}
-    assert sorted(errors) == [1, 3, 5, 7, 9]
+    assert sorted(errors) == [1, 3, 5, 7, 9, 11]
     assert "temperature" in errors[1] and "-1.0" in errors[1]
     assert "256" in errors[3]  # longer than max_model_len
     assert "exactly one of" in errors[5]
     assert "1000000" in errors[7]
     assert "max_tokens" in errors[9]
+    assert errors[11].startswith("UnsatisfiableRequestError") and "bad_words" in errors[11]
     for i in errors:
         assert got[i]["generated_text"] is None and got[i]["generated_token_ids"] is None
     want = tiny_llm.generate([r["prompt"] for r in good], SamplingParams(**GREEDY), use_tqdm=False)
     assert [g["generated_token_ids"] for g in got if g["error"] is None] == [w.outputs[0].token_ids for w in want]
     summary = summarize(ds)  # from the dataset itself, as a job would
-    assert (summary.num_rows, summary.num_errors) == (11, 5)
+    assert (summary.num_rows, summary.num_errors) == (12, 6)
 
 
 @pytest.mark.parametrize("spec", [None, {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 1,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import random
 import time
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
 
 from quickdraft.config import EngineConfig
 from quickdraft.engine.block_manager import BlockManager
+from quickdraft.engine.errors import RequestError, UnsatisfiableRequestError
 from quickdraft.engine.model_runner import ModelRunner, SeqInput
 from quickdraft.engine.output_processor import LogprobEntry, OutputProcessor
 from quickdraft.engine.scheduler import ScheduledSeq, Scheduler
@@ -18,7 +22,8 @@ from quickdraft.engine.sequence import Request, Sequence
 from quickdraft.models.loader import LoadedModel
 from quickdraft.outputs import RequestMetrics, RequestOutput
 from quickdraft.sample.noise import ACCEPT, TARGET, NoiseCache, NoiseKey, uniform
-from quickdraft.sample.sampler import argmax_rows, compute_logprobs, penalized_logits, process_logits, sample
+from quickdraft.sample.sampler import (argmax_rows, compute_logprobs, drawable, penalized_logits, process_logits,
+                                      sample_checked)
 from quickdraft.sample.sampling_metadata import build_sampling_metadata
 from quickdraft.sampling_params import SamplingParams
 from quickdraft.spec_decode.adaptive import DraftLengthPolicy
@@ -33,6 +38,20 @@ from quickdraft.structured_output.manager import StructuredOutputManager
 from quickdraft.tokenizer import encode_bad_words
 
 logger = logging.getLogger("quickdraft")
+
+
+@dataclass
+class SamplingSeq:
+    """A sequence that samples this step: its rows of the step's logits start at ``first_row``
+    (the law of its next token), followed by one row per drafted token."""
+
+    seq: Sequence
+    first_row: int
+    draft: Draft | None
+
+    @property
+    def draft_ids(self) -> list[int]:
+        return self.draft.token_ids if self.draft else []
 
 
 class LLMEngine:
@@ -57,6 +76,7 @@ class LLMEngine:
         # Seeds for requests without one: reproducible from the engine seed and arrival order.
         self._seed_rng = random.Random(config.seed)
         self.requests: dict[str, Request] = {}
+        self._failed: dict[str, RequestError] = {}  # requests failed in the current step
         self._next_seq_id = 0
         self._arrivals = 0
         self.num_prompt_tokens_total = 0
@@ -140,6 +160,12 @@ class LLMEngine:
         if params.structured_outputs is not None:
             self.structured.compile(params.structured_outputs)  # ValueError if it does not compile (cached)
         vocab = self.model_config.vocab_size
+        most = vocab if self.config.max_logprobs < 0 else min(self.config.max_logprobs, vocab)
+        for name, kind, value in (("logprobs", "sample", params.logprobs),
+                                  ("prompt_logprobs", "prompt", params.prompt_logprobs)):
+            if value is not None and value > most:
+                raise ValueError(f"{name} must be at most {most} (the engine's max_logprobs; {kind} logprobs), "
+                                 f"got {value}.")
         for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
             bad = [t for t in ids if t >= vocab]
             if bad:
@@ -150,7 +176,7 @@ class LLMEngine:
         if not prompt_token_ids:
             raise ValueError("The prompt is empty: give at least one token.")
         vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"Token id {bad[0]!r} is out of vocabulary (vocab size {vocab}).")
         n, max_len = len(prompt_token_ids), self.config.max_model_len
@@ -177,10 +203,15 @@ class LLMEngine:
     def step(self, stream: bool = False) -> list[RequestOutput]:
         """One step: schedule -> propose -> run -> sample or verify -> postprocess. Returns the
         outputs of requests that finished in it or, with ``stream``, of every request that got
-        new tokens (cumulative text and tokens so far; ``finished`` tells which are done)."""
+        new tokens (cumulative text and tokens so far; ``finished`` tells which are done).
+        A failure that belongs to one request (engine/errors.py) aborts that request alone: its
+        output, finished with ``error`` set, is among those returned."""
+        self._failed = {}
         lookahead = self._lookahead if self.proposer is not None else None
         sched = self.scheduler.schedule(lookahead)
         if not sched.scheduled:
+            if self._failed:  # failed while being scheduled
+                return self._postprocess([], [], [], [], stream)
             if self.scheduler.has_unfinished():
                 raise RuntimeError("The scheduler could not schedule any sequence: the KV cache is too small.")
             return []
@@ -192,33 +223,64 @@ class LLMEngine:
         # Each scheduled sequence owns len(tokens) - logits_from consecutive rows: its prompt-logprob
         # rows (if any), then, if it samples, 1 + len(draft) verification rows.
         row = 0
-        sampled: list[Sequence] = []
-        first_rows: list[int] = []
+        sampling: list[SamplingSeq] = []
         for item, inp, samples, wants_prompt_lp in zip(sched.scheduled, inputs, samplers, prompt_lp):
             n_rows = len(inp.token_ids) - inp.logits_from
             if wants_prompt_lp:
-                self.output_processor.add_prompt_logprobs(self.requests[item.seq.request_id],
-                                                          logits[row:row + n_rows], inp.start_pos)
+                with self._guard(item.seq.request_id, "computing its prompt logprobs"):
+                    self.output_processor.add_prompt_logprobs(self.requests[item.seq.request_id],
+                                                              logits[row:row + n_rows], inp.start_pos)
             if samples:
-                sampled.append(item.seq)
                 draft = drafts.get(item.seq.seq_id)
-                first_rows.append(row + n_rows - 1 - (len(draft.token_ids) if draft else 0))
+                sampling.append(SamplingSeq(item.seq, row + n_rows - 1 - (len(draft.token_ids) if draft else 0),
+                                            draft))
             row += n_rows
-        seq_drafts = [drafts.get(s.seq_id) for s in sampled]
-        constrained = [(s.grammar, r, d.token_ids if d else []) for s, r, d in zip(sampled, first_rows, seq_drafts)
-                       if s.grammar is not None]
-        if constrained:  # the masked law at every position sampled or verified
-            self.structured.mask_rows(logits, constrained)
-        if self.proposer is None or not any(seq_drafts):  # nothing to verify: plain sampling, same law
-            emitted, accepted = self._sample(sampled, logits, first_rows, noise)
+        self._mask(logits, sampling)
+        sampling = self._live(sampling)
+        if self.proposer is None or not any(s.draft for s in sampling):  # nothing to verify: plain sampling
+            emitted, accepted = self._sample(sampling, logits, noise)
         else:
-            emitted, accepted = self._verify(sampled, seq_drafts, logits, first_rows, noise)
-        logprobs = self._logprobs(sampled, emitted, logits, first_rows)
+            emitted, accepted = self._verify(sampling, logits, noise)
+        live = [i for i, s in enumerate(sampling) if s.seq.request_id not in self._failed]
+        sampling = [sampling[i] for i in live]
+        emitted, accepted = [emitted[i] for i in live], [accepted[i] for i in live]
+        logprobs = self._logprobs(sampling, emitted, logits)
         for item, samples in zip(sched.scheduled, samplers):
             item.seq.num_computed_tokens += item.num_tokens
-            if not samples:  # a prompt chunk; sampling sequences are cached in _postprocess
-                self._cache_blocks(item.seq)
-        return self._postprocess(sampled, seq_drafts, emitted, accepted, logprobs, stream)
+            if not samples and item.seq.request_id not in self._failed:
+                self._cache_blocks(item.seq)  # a prompt chunk; sampling sequences are cached in _postprocess
+        return self._postprocess(sampling, emitted, accepted, logprobs, stream)
+
+    @contextlib.contextmanager
+    def _guard(self, request_id: str, doing: str) -> Iterator[None]:
+        """Run one request's share of the step; an exception fails that request only."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - attributed to this request, which is aborted
+            self._fail(request_id, e, doing)
+
+    def _fail(self, request_id: str, error: Exception, doing: str | None = None) -> None:
+        """Mark a request failed in this step (it is aborted in _postprocess)."""
+        if request_id in self._failed:
+            return
+        if not isinstance(error, RequestError):
+            logger.error("Request %s failed while %s; aborting it alone", request_id, doing, exc_info=error)
+            error = RequestError(request_id, f"the engine failed while {doing} ({type(error).__name__}); "
+                                             "the other requests go on")
+        self._failed[request_id] = error
+
+    def _live(self, sampling: list[SamplingSeq]) -> list[SamplingSeq]:
+        return [s for s in sampling if s.seq.request_id not in self._failed]
+
+    def _mask(self, logits: torch.Tensor, sampling: list[SamplingSeq]) -> None:
+        """Structured outputs: the masked law at every position sampled or verified."""
+        constrained = [s for s in self._live(sampling) if s.seq.grammar is not None]
+        if not constrained:
+            return
+        errors = self.structured.mask_rows(logits, [(s.seq.grammar, s.first_row, s.draft_ids)
+                                                     for s in constrained])
+        for i, e in errors.items():
+            self._fail(constrained[i].seq.request_id, e, "masking its rows with its grammar")
 
     def _lookahead(self, seq: Sequence) -> int:
         """Draft slots a decoding sequence may use: k, within the context and the output budget
@@ -230,7 +292,13 @@ class LLMEngine:
                    spec.draft_length_for_batch(batch) + 1) - 1
         if room <= 0:
             return 0
-        forced = len(self.structured.forced(seq.grammar, room)) if seq.grammar is not None else 0
+        forced = 0
+        if seq.grammar is not None:
+            try:
+                forced = len(self.structured.forced(seq.grammar, room))
+            except Exception as e:  # noqa: BLE001 - this sequence's grammar only
+                self._fail(seq.request_id, e, "finding its grammar's forced tokens")
+                return 0
         return max(forced, self._method_lookahead(seq, room, batch))
 
     def _method_lookahead(self, seq: Sequence, room: int, batch: int) -> int:
@@ -261,12 +329,11 @@ class LLMEngine:
         items = [it for it in scheduled if it.num_lookahead > 0]
         if not items:
             return {}
+        items = [it for it in items if it.seq.request_id not in self._failed]
         seqs = [it.seq for it in items]
         # A grammar's forced tokens come first; the method drafts what follows them.
-        forced = [self.structured.forced(s.grammar, it.num_lookahead) if s.grammar is not None else []
-                  for s, it in zip(seqs, items)]
-        proposals = self.proposer.propose(seqs, [it.num_lookahead - len(f) for it, f in zip(items, forced)],
-                                          noise, forced)
+        forced = [self._forced(s, it.num_lookahead) for s, it in zip(seqs, items)]
+        proposals = self._proposals(seqs, [it.num_lookahead - len(f) for it, f in zip(items, forced)], noise, forced)
         for s, f, d in zip(seqs, forced, proposals):
             if f:
                 d.token_ids[:0] = f
@@ -277,7 +344,10 @@ class LLMEngine:
                     d.confidence[:0] = [1.0] * len(f)
                 d.source = "grammar"  # metrics: drafts led by forced tokens
             if s.grammar is not None and d.token_ids:
-                self._cut(d, self.structured.valid_prefix(s.grammar, d.token_ids))
+                with self._guard(s.request_id, "checking its draft against its grammar"):
+                    self._cut(d, self.structured.valid_prefix(s.grammar, d.token_ids))
+                if s.request_id in self._failed:
+                    self._cut(d, 0)
         policy = self.draft_policy
         for it, d in zip(items, proposals):
             if d.confidence is not None and d.token_ids:
@@ -293,6 +363,30 @@ class LLMEngine:
                         seq.spec_idle_steps, keep = 0, 1
                 self._cut(d, keep)
         return {it.seq.seq_id: d for it, d in zip(items, proposals) if d.token_ids}
+
+    def _forced(self, seq: Sequence, k: int) -> list[int]:
+        """Up to k tokens the sequence's grammar determines (none without a grammar)."""
+        if seq.grammar is None:
+            return []
+        with self._guard(seq.request_id, "finding its grammar's forced tokens"):
+            return self.structured.forced(seq.grammar, k)
+        return []
+
+    def _proposals(self, seqs: list[Sequence], ks: list[int], noise: NoiseCache, after: list[list[int]]
+                   ) -> list[Draft]:
+        """The proposer's drafts for the batch. If it fails, each sequence is drafted for alone,
+        and a sequence whose own drafting fails is failed; the others draft as before."""
+        try:
+            return self.proposer.propose(seqs, ks, noise, after)
+        except Exception:  # noqa: BLE001 - find whose drafting fails
+            logger.warning("Drafting for %d sequences failed; drafting for each alone", len(seqs), exc_info=True)
+        drafts = []
+        for s, k, a in zip(seqs, ks, after):
+            with self._guard(s.request_id, "drafting for it"):
+                drafts.append(self.proposer.propose([s], [k], noise, [a])[0])
+                continue
+            drafts.append(Draft([], None))
+        return drafts
 
     @staticmethod
     def _cut(draft: Draft, n: int) -> None:
@@ -326,10 +420,12 @@ class LLMEngine:
             prompt_lp.append(wants)
         return inputs, samplers, prompt_lp
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, rows: list[int], noise: NoiseCache
+    def _sample(self, sampling: list[SamplingSeq], logits: torch.Tensor, noise: NoiseCache
                 ) -> tuple[list[list[int]], list[int]]:
-        if not seqs:
+        if not sampling:
             return [], []
+        seqs = [s.seq for s in sampling]
+        rows = [s.first_row for s in sampling]
         if rows == list(range(logits.shape[0])):  # decode: one row per sequence, already in order
             seq_logits = logits  # [S, vocab]
         else:
@@ -337,37 +433,73 @@ class LLMEngine:
         md = build_sampling_metadata(seqs, self.eos_token_ids, seq_logits.shape[1], seq_logits.device)
         rows_noise = None if md.all_greedy else noise.rows(
             [None if s.params.greedy else NoiseKey(s.seed, s.index, s.num_output_tokens, TARGET) for s in seqs])
-        tokens = sample(seq_logits, md, rows_noise).tolist()
-        return [[t] for t in tokens], [0] * len(seqs)
+        tokens, best = sample_checked(seq_logits, md, rows_noise)
+        for seq, value in zip(seqs, best.tolist()):
+            if not math.isfinite(value):
+                self._fail(seq.request_id, self._no_token_error(seq, 0, value))
+        return [[t] for t in tokens.tolist()], [0] * len(seqs)
 
-    def _verify(self, seqs: list[Sequence], drafts: list[Draft | None], logits: torch.Tensor, first_rows: list[int],
-                noise: NoiseCache) -> tuple[list[list[int]], list[int]]:
+    def _verify(self, sampling: list[SamplingSeq], logits: torch.Tensor, noise: NoiseCache
+                ) -> tuple[list[list[int]], list[int]]:
         """Rejection-sample every sampling sequence's draft (possibly empty) against the target."""
-        if not seqs:
+        if not sampling:
             return [], []
-        draft_ids = [d.token_ids if d else [] for d in drafts]
-        rows = [r + j for r, d in zip(first_rows, draft_ids) for j in range(len(d) + 1)]
+        seqs = [s.seq for s in sampling]
+        draft_ids = [s.draft_ids for s in sampling]
+        rows = [s.first_row + j for s in sampling for j in range(len(s.draft_ids) + 1)]
         row_seqs = [s for s, d in zip(seqs, draft_ids) for _ in range(len(d) + 1)]
         extras = [d[:j] for d in draft_ids for j in range(len(d) + 1)]
         target_logits = logits.index_select(0, torch.tensor(rows, device=logits.device))  # [R, vocab]
         md = build_sampling_metadata(row_seqs, self.eos_token_ids, target_logits.shape[1], target_logits.device,
                                      extra_output_tokens=extras)
-        target_argmax = argmax_rows(penalized_logits(target_logits, md))
+        penalized = penalized_logits(target_logits, md)
+        target_argmax = argmax_rows(penalized)
+        best = drawable(penalized, target_argmax).tolist()
         target_probs = None if md.all_greedy else process_logits(target_logits, md).softmax(dim=-1)
-        result = rejection_sample(target_probs, target_argmax, draft_ids, [d.probs if d else None for d in drafts],
+        result = rejection_sample(target_probs, target_argmax, draft_ids,
+                                  [s.draft.probs if s.draft else None for s in sampling],
                                   [s.params.greedy for s in seqs], _SequenceNoise(seqs, noise))
+        # A row with no token to draw fails its sequence only where verification reached it:
+        # drafts rejected before it make the same output plain decoding would.
+        row = 0
+        for seq, d, n_acc in zip(seqs, draft_ids, result.num_accepted):
+            dead = next((j for j in range(len(d) + 1) if not math.isfinite(best[row + j])), None)
+            if dead is not None and n_acc >= dead:
+                self._fail(seq.request_id, self._no_token_error(seq, dead, best[row + dead]))
+            row += len(d) + 1
         return result.emitted, result.num_accepted
 
-    def _logprobs(self, seqs: list[Sequence], emitted: list[list[int]], logits: torch.Tensor,
-                  first_rows: list[int]) -> list[list[LogprobEntry] | None]:
+    def _no_token_error(self, seq: Sequence, offset: int, value: float) -> RequestError:
+        """The error of a sequence whose law at output position num_output_tokens + offset has
+        no token to draw (``value``: that row's `drawable` value)."""
+        position = seq.num_output_tokens + offset
+        if not math.isnan(value) and value < 0:
+            p = seq.params
+            why = [f"structured_outputs ({p.structured_outputs.kind})"] if seq.grammar is not None else []
+            if p.allowed_token_ids is not None:
+                why.append(f"allowed_token_ids ({len(p.allowed_token_ids)} ids)")
+            if p.bad_words:
+                why.append("bad_words")
+            if position < p.min_tokens:
+                why.append(f"min_tokens={p.min_tokens} (EOS and stop_token_ids banned before {p.min_tokens} "
+                           "tokens)")
+            return UnsatisfiableRequestError(
+                seq.request_id, f"no token can be generated at output position {position}: "
+                                f"{' and '.join(why) or 'the request settings'} together allow none.")
+        logger.error("Request %s: the model's logits at output position %d are not finite (%s)", seq.request_id,
+                     position, value)
+        return RequestError(seq.request_id, f"the model's logits at output position {position} are not finite.")
+
+    def _logprobs(self, sampling: list[SamplingSeq], emitted: list[list[int]], logits: torch.Tensor
+                  ) -> list[list[LogprobEntry] | None]:
         """Raw-distribution logprobs of each emitted token, for the sequences that asked."""
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        out: list[list[LogprobEntry] | None] = [None] * len(seqs)
+        want = [i for i, s in enumerate(sampling) if s.seq.params.logprobs is not None]
+        out: list[list[LogprobEntry] | None] = [None] * len(sampling)
         if not want:
             return out
-        rows = [first_rows[i] + j for i in want for j in range(len(emitted[i]))]
+        rows = [sampling[i].first_row + j for i in want for j in range(len(emitted[i]))]
         tokens = [t for i in want for t in emitted[i]]
-        num_top = max(seqs[i].params.logprobs for i in want)
+        num_top = max(sampling[i].seq.params.logprobs for i in want)
         data = [t.tolist() for t in compute_logprobs(
             logits.index_select(0, torch.tensor(rows, device=logits.device)),
             torch.tensor(tokens, device=logits.device), num_top)]
@@ -377,51 +509,69 @@ class LLMEngine:
             k += len(emitted[i])
         return out
 
-    def _postprocess(self, seqs: list[Sequence], drafts: list[Draft | None], emitted: list[list[int]],
-                     accepted: list[int], logprobs: list[list[LogprobEntry] | None],
-                     stream: bool = False) -> list[RequestOutput]:
+    def _postprocess(self, sampling: list[SamplingSeq], emitted: list[list[int]], accepted: list[int],
+                     logprobs: list[list[LogprobEntry] | None], stream: bool = False) -> list[RequestOutput]:
         finished: list[RequestOutput] = []
         updated: dict[str, Request] = {}
         now = time.time()
-        for seq, draft, tokens, n_acc, lps in zip(seqs, drafts, emitted, accepted, logprobs):
+        for s, tokens, n_acc, lps in zip(sampling, emitted, accepted, logprobs):
+            seq = s.seq
+            if seq.request_id in self._failed:  # another sequence of its request failed this step
+                continue
             req = self.requests[seq.request_id]
-            # The accepted drafts' keys/values were computed by this step's forward pass.
-            seq.num_computed_tokens += n_acc
-            if seq.grammar is not None:  # nothing follows the grammar's end
-                tokens = tokens[:self.structured.advance(seq.grammar, tokens)]
-            kept = self.output_processor.append_tokens(seq, tokens, lps)
-            if seq.grammar is not None and seq.finish_reason is None and seq.grammar.is_terminated():
-                self.output_processor.finish(seq, "stop")  # its stop token kept (ignore_eos)
-            # A stop inside an accepted run drops the tokens after it, whose keys and values were
-            # computed too: only those of tokens kept count.
-            seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)
-            seq.num_draft_computed_tokens = min(seq.num_draft_computed_tokens, seq.num_tokens - 1)
-            self._cache_blocks(seq)  # before a finish frees the blocks: they stay findable
-            self.num_generation_tokens_total += kept
-            if draft is not None:
-                n_draft = len(draft.token_ids)
-                seq.spec_k = self.draft_policy.update(seq.spec_k, n_draft, n_acc)
-                seq.spec_hits, seq.spec_misses = self.draft_policy.observe(seq.spec_hits, seq.spec_misses,
-                                                                           n_draft, n_acc)
-                self.spec_stats.observe(n_draft, n_acc, draft.source)
-                req.metrics.num_drafts += 1
-                req.metrics.num_draft_tokens += n_draft
-                req.metrics.num_accepted_tokens += n_acc
+            with self._guard(seq.request_id, "processing its output"):
+                self._append(seq, s.draft, tokens, n_acc, lps)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             req.metrics.last_token_time = now
             updated[req.request_id] = req
-            if seq.finish_reason is not None:
+            if seq.finish_reason is not None and seq.request_id not in self._failed:
                 self._finish(seq)
                 if req.is_finished:
                     req.metrics.finished_time = now
                     finished.append(self.output_processor.make_output(req))
                     del self.requests[seq.request_id]
+        for request_id, error in self._failed.items():
+            updated.pop(request_id, None)
+            out = self.abort_request(request_id)
+            if out is not None:
+                out.error = error
+                finished.append(out)
+        self._failed = {}
         self._maybe_log_stats(now)
         if stream:
             done = {o.request_id: o for o in finished}
-            return [done.get(rid) or self.output_processor.make_output(req) for rid, req in updated.items()]
+            return [done.get(rid) or self.output_processor.make_output(req) for rid, req in updated.items()] + [
+                o for o in finished if o.request_id not in updated]
         return finished
+
+    def _append(self, seq: Sequence, draft: Draft | None, tokens: list[int], n_acc: int,
+                lps: list[LogprobEntry] | None) -> None:
+        """One sequence's verified tokens: into its output, its cache bookkeeping and the
+        speculation counters."""
+        req = self.requests[seq.request_id]
+        # The accepted drafts' keys/values were computed by this step's forward pass.
+        seq.num_computed_tokens += n_acc
+        if seq.grammar is not None:  # nothing follows the grammar's end
+            tokens = tokens[:self.structured.advance(seq.grammar, tokens)]
+        kept = self.output_processor.append_tokens(seq, tokens, lps)
+        if seq.grammar is not None and seq.finish_reason is None and seq.grammar.is_terminated():
+            self.output_processor.finish(seq, "stop")  # its stop token kept (ignore_eos)
+        # A stop inside an accepted run drops the tokens after it, whose keys and values were
+        # computed too: only those of tokens kept count.
+        seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)
+        seq.num_draft_computed_tokens = min(seq.num_draft_computed_tokens, seq.num_tokens - 1)
+        self._cache_blocks(seq)  # before a finish frees the blocks: they stay findable
+        self.num_generation_tokens_total += kept
+        if draft is not None:
+            n_draft = len(draft.token_ids)
+            seq.spec_k = self.draft_policy.update(seq.spec_k, n_draft, n_acc)
+            seq.spec_hits, seq.spec_misses = self.draft_policy.observe(seq.spec_hits, seq.spec_misses,
+                                                                       n_draft, n_acc)
+            self.spec_stats.observe(n_draft, n_acc, draft.source)
+            req.metrics.num_drafts += 1
+            req.metrics.num_draft_tokens += n_draft
+            req.metrics.num_accepted_tokens += n_acc
 
     def _finish(self, seq: Sequence) -> None:
         """Free a finished or aborted sequence; a proposer that learns from outputs keeps its own."""

@@ -353,12 +353,17 @@ class RequestGroup:
     `RequestTimeoutError` from the reader. ``reserved`` admission slots (see the server's
     limits) are given back through ``on_release`` as requests finish, abort or fail to add.
     With ``stream=False`` only final outputs are delivered (a reader of `results()` needs no
-    more), which spares the engine thread a snapshot per request per step."""
+    more), which spares the engine thread a snapshot per request per step.
+    A request the engine aborted alone (engine/errors.py) ends the group's reading with its
+    error, raised, the others aborted (one API call, one answer), unless ``raise_errors=False``:
+    its output, with ``error`` set, is then delivered like any other."""
 
     def __init__(self, engine: AsyncLLM, *, timeout: float | None = None, reserved: int = 0,
-                 on_release: Callable[[int], None] | None = None, stream: bool = True) -> None:
+                 on_release: Callable[[int], None] | None = None, stream: bool = True,
+                 raise_errors: bool = True) -> None:
         self.engine = engine
         self.stream = stream
+        self.raise_errors = raise_errors
         self.request_ids: list[str] = []
         self.unfinished: set[str] = set()
         self.final: dict[str, RequestOutput] = {}
@@ -447,6 +452,11 @@ class RequestGroup:
                 raise self._failure
             latest, self._latest = self._latest, {}
             for request_id, out in latest.items():
+                if out.error is not None and self.raise_errors:
+                    self.unfinished.discard(request_id)
+                    self._release(1)
+                    self.abort()
+                    raise out.error
                 if out.finished:
                     self.final[request_id] = out
                     self.unfinished.discard(request_id)

@@ -212,6 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = args.model or args.model_flag
     names = args.served_model_name or [model or DEFAULT_MODEL_NAME]
     llm_kwargs = _llm_kwargs(args, model, seed=args.seed, disable_log_stats=args.disable_log_stats)
+    llm_kwargs["max_logprobs"] = max(args.max_logprobs, 0)  # the engine allows what the server does
     if args.ray:
         return _serve_on_ray(args, llm_kwargs, names)
     run_server(llm_kwargs, served_model_names=names, host=args.host, port=args.port, api_key=args.api_key,

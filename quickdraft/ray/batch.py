@@ -97,7 +97,8 @@ class LLMReplica:
                 prepared[i] = prepare_row(row, self.defaults, self.tokenizer)
             except (ValueError, TypeError) as e:
                 errors[i] = f"{type(e).__name__}: {e}"
-        group = RequestGroup(self.engine, stream=False)  # only final outputs: no per-step snapshots
+        # Only final outputs (no per-step snapshots); a row the engine aborted alone keeps its error.
+        group = RequestGroup(self.engine, stream=False, raise_errors=False)
         added: list[int] = []
         try:
             todo = [i for i, p in enumerate(prepared) if p is not None]
@@ -116,7 +117,10 @@ class LLMReplica:
             raise
         outputs: list[Any] = [None] * len(rows)
         for i, out in zip(added, results):
-            outputs[i] = out
+            if out.error is not None:
+                errors[i] = f"{type(out.error).__name__}: {out.error}"
+            else:
+                outputs[i] = out
         return _with_columns(batch, [output_columns(o, e) for o, e in zip(outputs, errors)])
 
     def __del__(self) -> None:

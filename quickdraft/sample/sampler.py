@@ -122,6 +122,15 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(dim=-1)
 
 
+def drawable(penalized: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
+    """[N] float: each row's largest penalized logit (the value at its argmax). -inf means no
+    token can be drawn (bans, allowed ids and a grammar's mask exclude every token); NaN or +inf
+    means the row's logits are not finite. Any other value: the row has a token to draw, and
+    every law derived from it (temperature, top-k, top-p, min-p) keeps at least that token.
+    penalized: [N, V] from penalized_logits; argmax: [N] from argmax_rows of it."""
+    return penalized.gather(1, argmax.unsqueeze(1).to(penalized.device)).squeeze(1)
+
+
 def sample_from_probs(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Draw one token per row of probs [N, V] by the exponential race argmax(p / E), which
     picks token v with probability p[v]."""
@@ -132,12 +141,21 @@ def sample(logits: torch.Tensor, md: SamplingMetadata, noise: torch.Tensor | Non
     """Raw float32 logits [N, V] -> sampled token ids [N]. noise: Exp(1) [N, V], row i the
     noise of row i's sequence at the position it samples (see sample/noise.py); unused by
     greedy rows and may be None when every row is greedy."""
-    greedy_tokens = argmax_rows(penalized_logits(logits, md))
+    return sample_checked(logits, md, noise)[0]
+
+
+def sample_checked(logits: torch.Tensor, md: SamplingMetadata, noise: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample`, and each row's `drawable` value [N]: where it is not finite the row has no
+    token to draw and its sampled id means nothing."""
+    penalized = penalized_logits(logits, md)
+    greedy_tokens = argmax_rows(penalized)
+    best = drawable(penalized, greedy_tokens)
     if md.all_greedy:
-        return greedy_tokens
+        return greedy_tokens, best
     probs = process_logits(logits, md).softmax(dim=-1)
     sampled = sample_from_probs(probs, noise)
-    return torch.where(md.greedy, greedy_tokens, sampled)
+    return torch.where(md.greedy, greedy_tokens, sampled), best
 
 
 def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int

@@ -23,6 +23,7 @@ drafts still fit in it, as vLLM does; longer sequences decode plainly.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -31,7 +32,7 @@ from quickdraft.engine.block_manager import BlockManager
 from quickdraft.engine.model_runner import ModelRunner, SeqInput
 from quickdraft.engine.sequence import Sequence as Seq
 from quickdraft.sample.noise import DRAFT, TARGET, NoiseCache, NoiseKey
-from quickdraft.sample.sampler import argmax_rows, penalized_logits, process_logits, sample_from_probs
+from quickdraft.sample.sampler import argmax_rows, drawable, penalized_logits, process_logits, sample_from_probs
 from quickdraft.sample.sampling_metadata import build_sampling_metadata
 from quickdraft.spec_decode.proposer import Draft
 from quickdraft.structured_output.bitmask import allocate_bitmask, apply_bitmask
@@ -67,15 +68,37 @@ class DraftModelProposer:
         if not active:
             return drafts
         q_rows: dict[int, list[torch.Tensor]] = {i: [] for i in active}
-        advanced = {i: len(after[i]) for i in active if seqs[i].grammar is not None}
-        for i in advanced:
-            if not seqs[i].grammar.accept_tokens(after[i]):
-                raise RuntimeError("the grammar rejected its own forced tokens")
-        active = [i for i in active if i not in advanced or not seqs[i].grammar.is_terminated()]
-        if not active:
+        advanced: dict[int, int] = {}
+        try:
+            self._draft(seqs, max_tokens, noise, after, active, drafts, q_rows, advanced)
+        finally:  # every grammar ends where it started, whatever happened
             for i, n in advanced.items():
                 seqs[i].grammar.rollback(n)
-            return drafts
+        for i, s in enumerate(seqs):
+            k = len(after[i]) + len(drafts[i].token_ids)
+            if drafts[i].token_ids:
+                # Cache holds the sequence plus drafts 1..k-1.
+                s.num_draft_computed_tokens = s.num_tokens + k - 1
+                if q_rows[i]:
+                    drafts[i].probs = torch.stack(q_rows[i])  # [k', V]
+        return drafts
+
+    def _draft(self, seqs: Sequence[Seq], max_tokens: Sequence[int], noise: NoiseCache, after: Sequence[list[int]],
+               active: list[int], drafts: list[Draft], q_rows: dict[int, list[torch.Tensor]],
+               advanced: dict[int, int]) -> None:
+        """The drafting loop of `propose`: fills drafts[i] (and q_rows[i]) for i in active;
+        advanced[i] counts the tokens sequence i's grammar accepted (the caller rolls back).
+        A sequence's draft ends where its masked draft law leaves no token to draw: the
+        target's law there has none either, which verification reports."""
+        for i in active:
+            if seqs[i].grammar is not None:
+                advanced[i] = 0
+                if not seqs[i].grammar.accept_tokens(after[i]):
+                    raise RuntimeError("the grammar rejected its own forced tokens")
+                advanced[i] = len(after[i])
+        active = [i for i in active if i not in advanced or not seqs[i].grammar.is_terminated()]
+        if not active:
+            return
         # First pass: catch the draft's cache up to the sequence (includes its last token) and the
         # tokens drafted before it.
         inputs = []
@@ -91,7 +114,9 @@ class DraftModelProposer:
             self._mask(logits, [seqs[i].grammar for i in active])
             md = build_sampling_metadata(rows, self.eos_token_ids, logits.shape[1], logits.device,
                                          extra_output_tokens=[after[i] + drafts[i].token_ids for i in active])
-            tokens = argmax_rows(penalized_logits(logits, md))
+            penalized = penalized_logits(logits, md)
+            tokens = argmax_rows(penalized)
+            best = drawable(penalized, tokens).tolist()
             if not md.all_greedy:
                 q = process_logits(logits, md).softmax(dim=-1)
                 stream = TARGET if self.coupled else DRAFT
@@ -102,6 +127,9 @@ class DraftModelProposer:
             token_list = tokens.tolist()
             ended = set()
             for r, i in enumerate(active):
+                if not math.isfinite(best[r]):  # nothing to draw here: the draft ends before it
+                    ended.add(i)
+                    continue
                 drafts[i].token_ids.append(token_list[r])
                 if not self.coupled and not rows[r].params.greedy:
                     q_rows[i].append(q[r])
@@ -115,23 +143,13 @@ class DraftModelProposer:
             step += 1
             active = [i for i in active if len(drafts[i].token_ids) < max_tokens[i] and i not in ended]
             if not active:
-                break
+                return
             inputs = []
             for i in active:
                 s = seqs[i]
                 pos = s.num_tokens + len(after[i]) + step - 1  # the previous draft token's position
                 inputs.append(SeqInput([drafts[i].token_ids[-1]], pos, self.block_manager.block_table(s.seq_id), 0))
             logits = self.runner.execute(inputs)
-        for i, n in advanced.items():
-            seqs[i].grammar.rollback(n)
-        for i, s in enumerate(seqs):
-            k = len(after[i]) + len(drafts[i].token_ids)
-            if drafts[i].token_ids:
-                # Cache holds the sequence plus drafts 1..k-1.
-                s.num_draft_computed_tokens = s.num_tokens + k - 1
-                if q_rows[i]:
-                    drafts[i].probs = torch.stack(q_rows[i])  # [k', V]
-        return drafts
 
     @staticmethod
     def _mask(logits: torch.Tensor, grammars: list) -> None:

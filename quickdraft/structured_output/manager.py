@@ -103,27 +103,36 @@ class StructuredOutputManager:
             return []
         return grammar.forced_tokens()[:k]
 
-    def mask_rows(self, logits: torch.Tensor, items: list[tuple[Grammar, int, list[int]]]) -> None:
+    def mask_rows(self, logits: torch.Tensor, items: list[tuple[Grammar, int, list[int]]]) -> dict[int, Exception]:
         """Mask, in place, the verification rows of constrained sequences: for (grammar, first
         row, draft), rows first..first+len(draft) get the grammar's mask after draft[:j]. The
         drafts must be valid (``valid_prefix``); each grammar ends where it started. Rows after
-        the grammar terminated inside a draft stay unmasked (their tokens are never kept)."""
+        the grammar terminated inside a draft stay unmasked (their tokens are never kept).
+        Returns {item index: error} for items whose grammar failed (their rows are left as they
+        were and must not be sampled); the other items are masked all the same."""
         bitmask = allocate_bitmask(sum(len(d) + 1 for _, _, d in items), self.vocab_size)
         rows: list[int] = []
-        for grammar, first, draft in items:
-            advanced = 0
-            for j in range(len(draft) + 1):
-                if grammar.is_terminated():
-                    break
-                grammar.fill_bitmask(bitmask, len(rows))
-                rows.append(first + j)
-                if j < len(draft):
-                    if not grammar.accept_tokens([draft[j]]):
-                        raise RuntimeError(f"the grammar rejected draft token {draft[j]} after validating it")
-                    advanced += 1
-            grammar.rollback(advanced)
+        errors: dict[int, Exception] = {}
+        for i, (grammar, first, draft) in enumerate(items):
+            start, advanced = len(rows), 0
+            try:
+                for j in range(len(draft) + 1):
+                    if grammar.is_terminated():
+                        break
+                    grammar.fill_bitmask(bitmask, len(rows))
+                    rows.append(first + j)
+                    if j < len(draft):
+                        if not grammar.accept_tokens([draft[j]]):
+                            raise RuntimeError(f"the grammar rejected draft token {draft[j]} after validating it")
+                        advanced += 1
+                grammar.rollback(advanced)
+            except Exception as e:  # noqa: BLE001 - this sequence's grammar only
+                errors[i] = e
+                del rows[start:]
+                bitmask[start:] = -1  # the next item's rows are filled again from here
         bitmask = bitmask[:len(rows)]
         apply_bitmask(logits, bitmask, rows)
+        return errors
 
     @staticmethod
     def advance(grammar: Grammar, tokens: list[int]) -> int:

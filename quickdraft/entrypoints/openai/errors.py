@@ -9,6 +9,7 @@ import logging
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from quickdraft.engine.errors import UnsatisfiableRequestError
 from quickdraft.entrypoints.async_engine import EngineDeadError, RequestTimeoutError
 
 logger = logging.getLogger("quickdraft.server")
@@ -66,6 +67,8 @@ def engine_failure(e: BaseException) -> APIError:
         return APIError(504, str(e))
     if isinstance(e, EngineDeadError):
         return APIError(503 if e.shutting_down else 500, str(e))
+    if isinstance(e, UnsatisfiableRequestError):  # the request's own settings: its message is about them only
+        return APIError(400, str(e))
     return APIError(500, ENGINE_FAILED)
 
 

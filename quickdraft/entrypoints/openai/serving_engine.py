@@ -18,11 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import jinja2
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from quickdraft.entrypoints.async_engine import AsyncLLM, EngineDeadError, RequestGroup
+from quickdraft.entrypoints.chat_utils import conversation_for_template, render_conversation
 from quickdraft.entrypoints.openai.errors import APIError, bad_request, engine_failure, error_body, log_failure
 from quickdraft.entrypoints.openai.limits import ServerLimits
 from quickdraft.entrypoints.openai.logprobs import TokenTexts
@@ -295,30 +295,12 @@ class OpenAIServing:
                     chat_template_kwargs: dict[str, Any] | None, add_special_tokens: bool) -> Prompt:
         self.check_messages(messages, add_generation_prompt=add_generation_prompt,
                             continue_final_message=continue_final_message)
-        conversation = []
-        for m in messages:
-            if m.content is None:
-                content = ""
-            elif isinstance(m.content, str):
-                content = m.content
-            else:
-                parts = []
-                for part in m.content:
-                    if part.type != "text" or part.text is None:
-                        raise APIError(400, f"Unsupported content part of type {part.type!r}: only 'text' parts "
-                                            "are supported.", param="messages")
-                    parts.append(part.text)
-                content = "\n".join(parts)
-            msg = dict(m.model_extra or {})
-            msg.update(role=m.role, content=content)
-            if m.name is not None:
-                msg["name"] = m.name
-            conversation.append(msg)
         try:
-            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                      **dict(chat_template_kwargs or {}))
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-            raise APIError(400, f"The chat template could not render these messages: {e}", param="messages") from None
+            conversation = conversation_for_template([_message_dict(m) for m in messages])
+            text = render_conversation(self.tokenizer, conversation, add_generation_prompt=add_generation_prompt,
+                                       **dict(chat_template_kwargs or {}))
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
         if continue_final_message:
             last = conversation[-1]["content"]
             idx = text.rfind(last) if last else -1
@@ -355,6 +337,18 @@ class OpenAIServing:
         except BaseException:  # cancellation: nothing of this call may stay queued
             group.abort()
             raise
+
+
+def _message_dict(m: ChatMessage) -> dict[str, Any]:
+    """A request's message as the dict the chat template sees (extra fields kept)."""
+    msg = dict(m.model_extra or {})
+    content = m.content
+    if isinstance(content, list):
+        content = [{**(part.model_extra or {}), "type": part.type, "text": part.text} for part in content]
+    msg.update(role=m.role, content=content)
+    if m.name is not None:
+        msg["name"] = m.name
+    return msg
 
 
 class AbortingStreamingResponse(StreamingResponse):
