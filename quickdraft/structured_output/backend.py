@@ -4,7 +4,7 @@ sequence, a matcher that follows the tokens emitted so far."""
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 
@@ -57,22 +57,55 @@ def choice_alternatives(choices: list[str]) -> str:
     return " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
+# An integer the schema leaves unbounded is read as |x| <= 2**53 - 1, the range JSON numbers
+# hold exactly everywhere (RFC 7493's I-JSON; 16 digits, as llama.cpp's JSON grammars allow).
+# Unbounded, a small model that does not know a number writes digits until max_tokens (seen
+# with SmolLM2: "population": 1111111111...).
+MAX_JSON_INTEGER = 2**53 - 1
+# Keys whose values are JSON data, not subschemas.
+_DATA_KEYS = frozenset({"enum", "const", "default", "examples"})
+
+
 def schema_of(params: StructuredOutputsParams) -> dict | bool:
-    """The JSON schema of a ``json`` constraint as an object, additionalProperties closed where
-    the schema is silent if ``disable_additional_properties``."""
-    schema = json.loads(params.json) if isinstance(params.json, str) else params.json
-    if params.disable_additional_properties and isinstance(schema, dict):
-        schema = _closed(json.loads(json.dumps(schema)))
+    """The JSON schema of a ``json`` constraint as an object (a copy): integers bounded where the
+    schema is silent (MAX_JSON_INTEGER), additionalProperties closed where the schema is silent
+    if ``disable_additional_properties``."""
+    schema = json.loads(params.json if isinstance(params.json, str) else json.dumps(params.json))
+    if isinstance(schema, dict):
+        _bound_integers(schema)
+        if params.disable_additional_properties:
+            _closed(schema)
     return schema
 
 
-def _closed(node: Any) -> Any:
-    if isinstance(node, dict):
+def _bound_integers(schema: dict) -> None:
+    """In place: every integer-typed subschema without a lower (upper) bound gets minimum
+    -MAX_JSON_INTEGER (maximum MAX_JSON_INTEGER)."""
+    for node in _subschemas(schema):
+        types = node.get("type")
+        types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+        if "integer" in types and "number" not in types:
+            if "minimum" not in node and "exclusiveMinimum" not in node:
+                node["minimum"] = -MAX_JSON_INTEGER
+            if "maximum" not in node and "exclusiveMaximum" not in node:
+                node["maximum"] = MAX_JSON_INTEGER
+
+
+def _closed(schema: dict) -> None:
+    """In place: objects without additionalProperties get additionalProperties false."""
+    for node in _subschemas(schema):
         if node.get("type") == "object" or "properties" in node:
             node.setdefault("additionalProperties", False)
-        for v in node.values():
-            _closed(v)
+
+
+def _subschemas(node: Any) -> Iterator[dict]:
+    """Every object in a schema, the schema first, its data (enum, const, default, examples)
+    aside; each is yielded before its own members are visited, so it may be changed then."""
+    if isinstance(node, dict):
+        yield node
+        for key, value in node.items():
+            if key not in _DATA_KEYS:
+                yield from _subschemas(value)
     elif isinstance(node, list):
-        for v in node:
-            _closed(v)
-    return node
+        for value in node:
+            yield from _subschemas(value)

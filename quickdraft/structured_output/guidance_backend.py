@@ -38,11 +38,22 @@ class GuidanceGrammar:
         return self.matcher.is_stopped()
 
 
+def json_whitespace(params: StructuredOutputsParams) -> dict:
+    """llguidance's JSON options for the request's whitespace between JSON tokens: none, one
+    space or a newline and at most ``max_indent`` spaces or tabs, or any."""
+    if params.disable_any_whitespace:
+        return {"whitespace_flexible": False}
+    if params.max_indent is None:
+        return {"whitespace_flexible": True}
+    return {"whitespace_flexible": True, "whitespace_pattern": f"(?: |\\n[ \\t]{{0,{params.max_indent}}})"}
+
+
 class GuidanceBackend:
     name = "guidance"
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
         import llguidance
+        import llguidance.gbnf_to_lark  # noqa: F401 - a submodule: GBNF grammars are translated to Lark
 
         self.llg = llguidance
         self.tokenizer = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
@@ -51,7 +62,7 @@ class GuidanceBackend:
 
     def compile(self, params: StructuredOutputsParams) -> str:
         M, kind = self.llg.LLMatcher, params.kind
-        options = {"whitespace_flexible": not params.disable_any_whitespace}
+        options = json_whitespace(params)
         try:
             if kind == "json":
                 grammar = M.grammar_from_json_schema(schema_of(params), overrides=options)
@@ -62,7 +73,7 @@ class GuidanceBackend:
             elif kind == "choice":
                 grammar = M.grammar_from_lark("start: " + choice_alternatives(params.choice))
             elif "::=" in params.grammar:
-                grammar = M.grammar_from_lark(self.llg.gbnf_to_lark(params.grammar))
+                grammar = M.grammar_from_lark(self.llg.gbnf_to_lark.gbnf_to_lark(params.grammar))
             else:
                 grammar = M.grammar_from_lark(params.grammar)
         except Exception as e:

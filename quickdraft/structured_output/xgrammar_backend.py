@@ -3,6 +3,7 @@ token bitmasks filled on the CPU."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -62,10 +63,11 @@ class XgrammarBackend:
     def compile(self, params: StructuredOutputsParams) -> Any:
         kind, c = params.kind, self.compiler
         try:
-            if kind == "json":
-                return c.compile_json_schema(schema_of(params), any_whitespace=not params.disable_any_whitespace)
-            if kind == "json_object":
-                return c.compile_json_schema({"type": "object"}, any_whitespace=not params.disable_any_whitespace)
+            if kind in ("json", "json_object"):
+                schema = schema_of(params) if kind == "json" else {"type": "object"}
+                if params.disable_any_whitespace or params.max_indent is None:
+                    return c.compile_json_schema(schema, any_whitespace=not params.disable_any_whitespace)
+                return c.compile_grammar(self.json_with_indent(schema, params.max_indent))
             if kind == "regex":
                 return c.compile_regex(params.regex)
             if kind == "choice":
@@ -77,8 +79,26 @@ class XgrammarBackend:
         except Exception as e:  # xgrammar raises RuntimeError/ValueError subclasses with the parser's message
             raise ValueError(f"Invalid structured_outputs.{kind} for the xgrammar backend: {_first_line(e)}") from None
 
+    def json_with_indent(self, schema: dict | bool, max_indent: int) -> Any:
+        """The schema's grammar with llama.cpp's whitespace between JSON tokens: nothing, one
+        space, or a newline and at most ``max_indent`` spaces or tabs. xgrammar bounds only the
+        number of whitespace characters (any mix, so twenty newlines in a row), so its EBNF is
+        written with a count no schema produces (``_MARK``) and each such whitespace run is
+        replaced by the rule ``json_ws``."""
+        ebnf = str(self.xgr.Grammar.from_json_schema(schema, any_whitespace=True, max_whitespace_cnt=_MARK))
+        runs = re.compile(r"\bwhitespace(?:_\d+)?\{0, %d\}" % _MARK)
+        ebnf, count = runs.subn("json_ws", ebnf)
+        if str(_MARK) in ebnf:  # a whitespace run written in a form this rewrite does not know
+            raise RuntimeError("xgrammar wrote JSON whitespace in an unexpected form")
+        if count:
+            ebnf += '\njson_ws ::= "" | " " | "\\n" [ \\t]{0, %d}\n' % max_indent
+        return self.xgr.Grammar.from_ebnf(ebnf)
+
     def new_grammar(self, compiled: Any) -> XgrammarGrammar:
         return XgrammarGrammar(self.xgr.GrammarMatcher(compiled, max_rollback_tokens=-1))
+
+
+_MARK = 987654  # whitespace count marking xgrammar's whitespace runs in json_with_indent
 
 
 def _looks_like_lark(grammar: str) -> bool:
