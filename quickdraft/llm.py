@@ -44,9 +44,9 @@ def _enable_stats_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
-def _token_id(value: Any) -> Any:
-    """A prompt token id as a Python int (numpy integers too); anything else as it is, for the
-    engine's check to name."""
+def _integer(value: Any) -> Any:
+    """An integer (a token id, a count) as a Python int, numpy integers too; anything else as
+    it is, for the check that follows to name."""
     if isinstance(value, bool):
         return value
     try:
@@ -109,6 +109,7 @@ class LLM:
             raise ValueError(f"max_num_batched_tokens must be a positive integer, got {max_num_batched_tokens!r}.")
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}.")
+        max_logprobs = _integer(max_logprobs)
         if not isinstance(max_logprobs, int) or isinstance(max_logprobs, bool) or max_logprobs < -1:
             raise ValueError(f"max_logprobs must be an integer >= 0 (or -1: the whole vocabulary), got {max_logprobs!r}.")
         path = resolve_model_path(model, revision=revision, download_dir=download_dir, gguf_file=gguf_file)
@@ -246,7 +247,7 @@ class LLM:
                 ids = p["prompt_token_ids"]
                 if isinstance(ids, (str, bytes, Mapping)) or not hasattr(ids, "__iter__"):
                     raise ValueError(f"prompt_token_ids must be a list of ints, got {ids!r}.")
-                out.append(_Prompt(p.get("prompt"), [_token_id(t) for t in ids]))
+                out.append(_Prompt(p.get("prompt"), [_integer(t) for t in ids]))
             elif isinstance(p, Mapping) and "prompt" in p:
                 out.append(_Prompt(p["prompt"], tok.encode(p["prompt"])))
             else:

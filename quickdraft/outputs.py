@@ -80,5 +80,5 @@ class RequestOutput:
     metrics: RequestMetrics | None = field(default=None)
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache
     # Set when the engine aborted this request alone (engine/errors.py): a RequestError naming it
-    # and the reason; its outputs then end with finish_reason "abort".
+    # and the reason; its outputs that had not finished end with finish_reason "abort".
     error: Exception | None = None

@@ -188,8 +188,8 @@ def ngram_llm(tiny_checkpoint):
 
 @pytest.mark.parametrize("engine_name", ["draft_llm", "ngram_llm"])
 def test_contradictions_under_speculation_abort_alone(request, engine_name):
-    """Drafts for the bad requests end where their law has no token; verification fails them
-    where it reaches that row; the good requests, drafting all along, are unchanged."""
+    """The bad requests fail (drafts for them end before a row with no token; verification
+    fails them where it reaches one); the good requests, drafting all along, are unchanged."""
     llm = request.getfixturevalue(engine_name)
     tok = llm.get_tokenizer()
     if engine_name == "ngram_llm":
@@ -208,6 +208,48 @@ def test_contradictions_under_speculation_abort_alone(request, engine_name):
     s = llm.engine.spec_stats
     assert s.num_draft_tokens > before[0] and s.num_accepted_tokens > before[1]
     assert_engine_clean(llm)
+
+
+def test_a_failing_request_with_several_samples_aborts_them_all(tiny_llm):
+    """n=2: the request fails as a whole, both samples end with "abort"; the rest are unchanged."""
+    bad = contradictions(tiny_llm.get_tokenizer())["json+allowed_ids"]
+    bad = SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=8, allowed_token_ids=bad.allowed_token_ids,
+                         structured_outputs=bad.structured_outputs)
+    params = good_params()
+    want = [solo(tiny_llm, p, sp) for p, sp in zip(GOOD_PROMPTS, params)]
+    outs = tiny_llm.generate(GOOD_PROMPTS + ["x"], params + [bad], use_tqdm=False)
+    assert all(same_output(o, w) for o, w in zip(outs, want))
+    failed = outs[-1]
+    assert isinstance(failed.error, UnsatisfiableRequestError)
+    assert [o.finish_reason for o in failed.outputs] == ["abort", "abort"]
+    assert_engine_clean(tiny_llm)
+
+
+def test_a_drafter_that_fails_midway_leaves_the_others_and_their_grammars_intact(draft_llm, monkeypatch):
+    """Fault injection inside the draft model's loop, after the grammars advanced through their
+    forced tokens and first drafts: the draft runner raises whenever one request is in its batch.
+    That request is aborted; the constrained and free good requests beside it get their solo
+    outputs (their grammars were rolled back before each sequence was drafted for again)."""
+    runner = draft_llm.engine.proposer.runner
+    real = runner.execute
+    victim = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    engine = draft_llm.engine
+
+    def execute(inputs):
+        victims = [s for r in engine.requests.values() for s in r.seqs if s.params is victim]
+        if any(inp.block_table is engine.block_manager.block_table(s.seq_id) for inp in inputs for s in victims):
+            raise RuntimeError("injected draft-model failure")
+        return real(inputs)
+
+    regex = SamplingParams(temperature=0, max_tokens=20, structured_outputs=StructuredOutputsParams(regex="[a-z ]{4,40}"))
+    params = [regex, SamplingParams(temperature=0.9, seed=2, max_tokens=20, ignore_eos=True)]
+    want = [solo(draft_llm, p, sp) for p, sp in zip(GOOD_PROMPTS, params)]
+    monkeypatch.setattr(runner, "execute", execute)
+    outs = draft_llm.generate(GOOD_PROMPTS[:2] + ["Speculative"], params + [victim], use_tqdm=False)
+    assert all(same_output(o, w) for o, w in zip(outs, want))
+    assert outs[0].error is None and outs[0].outputs[0].finish_reason == "stop"
+    assert isinstance(outs[2].error, RequestError) and "drafting for it" in str(outs[2].error)
+    assert_engine_clean(draft_llm)
 
 
 def test_a_drafter_that_fails_on_one_sequence_aborts_only_it(draft_llm, monkeypatch):
@@ -374,17 +416,28 @@ def run_fuzz(llm: LLM, monkeypatch, rounds: int, seed: int) -> int:
     return failures
 
 
-def test_fuzz_random_batches_with_failing_requests(tiny_llm, draft_llm, monkeypatch):
-    """30 random batches on the plain engine and 20 under draft-model speculation."""
+@pytest.fixture(scope="module")
+def small_kv_llm(tiny_checkpoint):
+    """A KV cache of one 64-token context: batches preempt sequences all the time."""
+    return LLM(str(tiny_checkpoint("llama")), dtype="float32", device="cpu", max_model_len=64, kv_cache_memory="32KiB")
+
+
+def test_fuzz_random_batches_with_failing_requests(tiny_llm, draft_llm, small_kv_llm, monkeypatch):
+    """30 random batches on the plain engine, 20 under draft-model speculation and 20 with
+    preemptions (a KV cache too small for the batch)."""
     assert run_fuzz(tiny_llm, monkeypatch, rounds=30, seed=1) >= 30
     assert run_fuzz(draft_llm, monkeypatch, rounds=20, seed=2) >= 20
+    before = small_kv_llm.engine.scheduler.num_preemptions
+    assert run_fuzz(small_kv_llm, monkeypatch, rounds=20, seed=3) >= 20
+    assert small_kv_llm.engine.scheduler.num_preemptions > before
 
 
 @pytest.mark.fuzz
-def test_fuzz_random_batches_with_failing_requests_long(tiny_llm, draft_llm, monkeypatch):
+def test_fuzz_random_batches_with_failing_requests_long(tiny_llm, draft_llm, small_kv_llm, monkeypatch):
     rounds = int(os.environ.get("QUICKDRAFT_ISOLATION_ROUNDS", "600"))
     assert run_fuzz(tiny_llm, monkeypatch, rounds=rounds, seed=101) >= rounds
     assert run_fuzz(draft_llm, monkeypatch, rounds=rounds // 2, seed=102) >= rounds // 2
+    assert run_fuzz(small_kv_llm, monkeypatch, rounds=rounds // 2, seed=103) >= rounds // 2
 
 
 # ---- the server ----------------------------------------------------------------------------------

@@ -336,7 +336,7 @@ def test_gbnf_grammars_on_both_backends(tiny_engines, backend):
 def grammar_accepts(llm: LLM, so: StructuredOutputsParams, text: str) -> bool:
     """Whether the constraint's grammar takes ``text`` followed by EOS (token by token)."""
     g = llm.engine.structured.grammar_for(so)
-    ids = llm.get_tokenizer().encode(text, add_special_tokens=False) + [2]
+    ids = llm.get_tokenizer().encode(text, add_special_tokens=False) + [min(llm.engine.eos_token_ids)]
     return g.validate_tokens(ids) == len(ids)
 
 
@@ -374,8 +374,58 @@ def test_json_whitespace_is_bounded_by_default_and_free_on_request(tiny_engines,
     assert not grammar_accepts(llm, bounded, '{"a": 1, "b": [{"c": 6}]}')  # the schema's maximum
     assert grammar_accepts(llm, StructuredOutputsParams(json={"type": "integer", "minimum": 0, "maximum": 10**18}),
                            "100000000000000000")  # 18 digits: the schema's own bound
+    # Bounds follow the schema's keywords: a property named "default" is a schema like any other;
+    # a bound with the digits of the rewrite's marker compiles and holds.
+    named = StructuredOutputsParams(json={"type": "object", "properties": {
+        "default": {"type": "integer"}, "n": {"type": "integer", "maximum": 19876543}}, "required": ["default", "n"]})
+    assert grammar_accepts(llm, named, '{"default": 1, "n": 19876543}')
+    assert not grammar_accepts(llm, named, '{"default": 1, "n": 19876544}')
+    assert not grammar_accepts(llm, named, '{"default": 9007199254740992, "n": 1}')
     obj = StructuredOutputsParams(json_object=True)
     assert grammar_accepts(llm, obj, '{"k": [1, 2]}') and not grammar_accepts(llm, obj, '{\n\n"k": 1}')
+
+
+def test_mask_rows_fails_one_grammar_and_rolls_it_back(tiny_engines):
+    """A grammar that raises partway through its draft: that item is reported, its grammar is
+    back where it started, and the others' rows get exactly the masks they get alone."""
+    from quickdraft.structured_output.bitmask import allocate_bitmask
+
+    llm = tiny_engines("plain", "xgrammar")
+    mgr, tok = llm.engine.structured, llm.get_tokenizer()
+    so = StructuredOutputsParams(regex="[a-z]{2,12}")
+    draft = tok.encode("abcdef", add_special_tokens=False)
+    grammars = [mgr.grammar_for(so) for _ in range(3)]
+
+    class Breaks:
+        """The middle grammar: accepts one draft token, then raises."""
+
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def accept_tokens(self, tokens):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("injected")
+            return self.inner.accept_tokens(tokens)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    broken = Breaks(grammars[1])
+    V = llm.model_config.vocab_size
+    logits = torch.zeros(3 * (len(draft) + 1), V)
+    items = [(grammars[0], 0, draft), (broken, len(draft) + 1, draft), (grammars[2], 2 * (len(draft) + 1), draft)]
+    errors = mgr.mask_rows(logits, items)
+    assert list(errors) == [1] and "injected" in str(errors[1])
+    alone = torch.zeros(len(draft) + 1, V)
+    assert mgr.mask_rows(alone, [(grammars[2], 0, draft)]) == {}
+    k = len(draft) + 1
+    assert torch.equal(logits[:k], alone) and torch.equal(logits[2 * k:], alone)
+    assert torch.equal(logits[k:2 * k], torch.zeros(k, V))  # the failed item's rows are left alone
+    fresh, back = allocate_bitmask(1, V), allocate_bitmask(1, V)
+    mgr.grammar_for(so).fill_bitmask(fresh, 0)
+    grammars[1].fill_bitmask(back, 0)
+    assert torch.equal(fresh, back)  # rolled back to its start
 
 
 # A dozen record extractions that SmolLM2 does not know the answers of. With vLLM's defaults

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 
 class RequestError(RuntimeError):
-    """The engine could not go on with one request (an internal failure on its rows)."""
+    """The engine could not go on with one request (an internal failure on its rows).
+    ``request_id``: the request; ``reason``: what happened, without the request's name."""
 
     def __init__(self, request_id: str, message: str) -> None:
         super().__init__(f"Request {request_id!r} was aborted: {message}")

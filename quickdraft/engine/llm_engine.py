@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
 import time
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 
@@ -43,11 +42,15 @@ logger = logging.getLogger("quickdraft")
 @dataclass
 class SamplingSeq:
     """A sequence that samples this step: its rows of the step's logits start at ``first_row``
-    (the law of its next token), followed by one row per drafted token."""
+    (the law of its next token), followed by one row per drafted token; sampling or
+    verification fills in what it emits."""
 
     seq: Sequence
     first_row: int
     draft: Draft | None
+    emitted: list[int] = field(default_factory=list)  # accepted drafts, then one sampled token
+    num_accepted: int = 0
+    logprobs: list[LogprobEntry] | None = None  # of the emitted tokens, if the request asked
 
     @property
     def draft_ids(self) -> list[int]:
@@ -211,7 +214,7 @@ class LLMEngine:
         sched = self.scheduler.schedule(lookahead)
         if not sched.scheduled:
             if self._failed:  # failed while being scheduled
-                return self._postprocess([], [], [], [], stream)
+                return self._postprocess([], stream)
             if self.scheduler.has_unfinished():
                 raise RuntimeError("The scheduler could not schedule any sequence: the KV cache is too small.")
             return []
@@ -227,9 +230,8 @@ class LLMEngine:
         for item, inp, samples, wants_prompt_lp in zip(sched.scheduled, inputs, samplers, prompt_lp):
             n_rows = len(inp.token_ids) - inp.logits_from
             if wants_prompt_lp:
-                with self._guard(item.seq.request_id, "computing its prompt logprobs"):
-                    self.output_processor.add_prompt_logprobs(self.requests[item.seq.request_id],
-                                                              logits[row:row + n_rows], inp.start_pos)
+                self.output_processor.add_prompt_logprobs(self.requests[item.seq.request_id],
+                                                          logits[row:row + n_rows], inp.start_pos)
             if samples:
                 draft = drafts.get(item.seq.seq_id)
                 sampling.append(SamplingSeq(item.seq, row + n_rows - 1 - (len(draft.token_ids) if draft else 0),
@@ -238,26 +240,16 @@ class LLMEngine:
         self._mask(logits, sampling)
         sampling = self._live(sampling)
         if self.proposer is None or not any(s.draft for s in sampling):  # nothing to verify: plain sampling
-            emitted, accepted = self._sample(sampling, logits, noise)
+            self._sample(sampling, logits, noise)
         else:
-            emitted, accepted = self._verify(sampling, logits, noise)
-        live = [i for i, s in enumerate(sampling) if s.seq.request_id not in self._failed]
-        sampling = [sampling[i] for i in live]
-        emitted, accepted = [emitted[i] for i in live], [accepted[i] for i in live]
-        logprobs = self._logprobs(sampling, emitted, logits)
+            self._verify(sampling, logits, noise)
+        sampling = self._live(sampling)  # less those whose law had no token to draw
+        self._logprobs(sampling, logits)
         for item, samples in zip(sched.scheduled, samplers):
             item.seq.num_computed_tokens += item.num_tokens
             if not samples and item.seq.request_id not in self._failed:
                 self._cache_blocks(item.seq)  # a prompt chunk; sampling sequences are cached in _postprocess
-        return self._postprocess(sampling, emitted, accepted, logprobs, stream)
-
-    @contextlib.contextmanager
-    def _guard(self, request_id: str, doing: str) -> Iterator[None]:
-        """Run one request's share of the step; an exception fails that request only."""
-        try:
-            yield
-        except Exception as e:  # noqa: BLE001 - attributed to this request, which is aborted
-            self._fail(request_id, e, doing)
+        return self._postprocess(sampling, stream)
 
     def _fail(self, request_id: str, error: Exception, doing: str | None = None) -> None:
         """Mark a request failed in this step (it is aborted in _postprocess)."""
@@ -270,6 +262,7 @@ class LLMEngine:
         self._failed[request_id] = error
 
     def _live(self, sampling: list[SamplingSeq]) -> list[SamplingSeq]:
+        """Those of the sequences whose request has not failed in this step."""
         return [s for s in sampling if s.seq.request_id not in self._failed]
 
     def _mask(self, logits: torch.Tensor, sampling: list[SamplingSeq]) -> None:
@@ -292,14 +285,10 @@ class LLMEngine:
                    spec.draft_length_for_batch(batch) + 1) - 1
         if room <= 0:
             return 0
-        forced = 0
-        if seq.grammar is not None:
-            try:
-                forced = len(self.structured.forced(seq.grammar, room))
-            except Exception as e:  # noqa: BLE001 - this sequence's grammar only
-                self._fail(seq.request_id, e, "finding its grammar's forced tokens")
-                return 0
-        return max(forced, self._method_lookahead(seq, room, batch))
+        forced = self._forced(seq, room)
+        if seq.request_id in self._failed:
+            return 0
+        return max(len(forced), self._method_lookahead(seq, room, batch))
 
     def _method_lookahead(self, seq: Sequence, room: int, batch: int) -> int:
         """Draft slots the speculation method may use (a grammar's forced tokens aside)."""
@@ -333,6 +322,8 @@ class LLMEngine:
         seqs = [it.seq for it in items]
         # A grammar's forced tokens come first; the method drafts what follows them.
         forced = [self._forced(s, it.num_lookahead) for s, it in zip(seqs, items)]
+        kept = [i for i, s in enumerate(seqs) if s.request_id not in self._failed]
+        items, seqs, forced = [items[i] for i in kept], [seqs[i] for i in kept], [forced[i] for i in kept]
         proposals = self._proposals(seqs, [it.num_lookahead - len(f) for it, f in zip(items, forced)], noise, forced)
         for s, f, d in zip(seqs, forced, proposals):
             if f:
@@ -344,9 +335,10 @@ class LLMEngine:
                     d.confidence[:0] = [1.0] * len(f)
                 d.source = "grammar"  # metrics: drafts led by forced tokens
             if s.grammar is not None and d.token_ids:
-                with self._guard(s.request_id, "checking its draft against its grammar"):
+                try:
                     self._cut(d, self.structured.valid_prefix(s.grammar, d.token_ids))
-                if s.request_id in self._failed:
+                except Exception as e:  # noqa: BLE001 - this sequence's grammar only
+                    self._fail(s.request_id, e, "checking its draft against its grammar")
                     self._cut(d, 0)
         policy = self.draft_policy
         for it, d in zip(items, proposals):
@@ -365,12 +357,15 @@ class LLMEngine:
         return {it.seq.seq_id: d for it, d in zip(items, proposals) if d.token_ids}
 
     def _forced(self, seq: Sequence, k: int) -> list[int]:
-        """Up to k tokens the sequence's grammar determines (none without a grammar)."""
+        """Up to k tokens the sequence's grammar determines (none without a grammar, or when
+        its grammar fails: the request is then failed)."""
         if seq.grammar is None:
             return []
-        with self._guard(seq.request_id, "finding its grammar's forced tokens"):
+        try:
             return self.structured.forced(seq.grammar, k)
-        return []
+        except Exception as e:  # noqa: BLE001 - this sequence's grammar only
+            self._fail(seq.request_id, e, "finding its grammar's forced tokens")
+            return []
 
     def _proposals(self, seqs: list[Sequence], ks: list[int], noise: NoiseCache, after: list[list[int]]
                    ) -> list[Draft]:
@@ -382,10 +377,11 @@ class LLMEngine:
             logger.warning("Drafting for %d sequences failed; drafting for each alone", len(seqs), exc_info=True)
         drafts = []
         for s, k, a in zip(seqs, ks, after):
-            with self._guard(s.request_id, "drafting for it"):
+            try:
                 drafts.append(self.proposer.propose([s], [k], noise, [a])[0])
-                continue
-            drafts.append(Draft([], None))
+            except Exception as e:  # noqa: BLE001 - this sequence's drafting only
+                self._fail(s.request_id, e, "drafting for it")
+                drafts.append(Draft([], None))
         return drafts
 
     @staticmethod
@@ -420,10 +416,10 @@ class LLMEngine:
             prompt_lp.append(wants)
         return inputs, samplers, prompt_lp
 
-    def _sample(self, sampling: list[SamplingSeq], logits: torch.Tensor, noise: NoiseCache
-                ) -> tuple[list[list[int]], list[int]]:
+    def _sample(self, sampling: list[SamplingSeq], logits: torch.Tensor, noise: NoiseCache) -> None:
+        """Draw each sequence's next token from its first row (no drafts to verify)."""
         if not sampling:
-            return [], []
+            return
         seqs = [s.seq for s in sampling]
         rows = [s.first_row for s in sampling]
         if rows == list(range(logits.shape[0])):  # decode: one row per sequence, already in order
@@ -434,16 +430,15 @@ class LLMEngine:
         rows_noise = None if md.all_greedy else noise.rows(
             [None if s.params.greedy else NoiseKey(s.seed, s.index, s.num_output_tokens, TARGET) for s in seqs])
         tokens, best = sample_checked(seq_logits, md, rows_noise)
-        for seq, value in zip(seqs, best.tolist()):
+        for s, token, value in zip(sampling, tokens.tolist(), best.tolist()):
+            s.emitted = [token]
             if not math.isfinite(value):
-                self._fail(seq.request_id, self._no_token_error(seq, 0, value))
-        return [[t] for t in tokens.tolist()], [0] * len(seqs)
+                self._fail(s.seq.request_id, self._no_token_error(s.seq, 0, value))
 
-    def _verify(self, sampling: list[SamplingSeq], logits: torch.Tensor, noise: NoiseCache
-                ) -> tuple[list[list[int]], list[int]]:
+    def _verify(self, sampling: list[SamplingSeq], logits: torch.Tensor, noise: NoiseCache) -> None:
         """Rejection-sample every sampling sequence's draft (possibly empty) against the target."""
         if not sampling:
-            return [], []
+            return
         seqs = [s.seq for s in sampling]
         draft_ids = [s.draft_ids for s in sampling]
         rows = [s.first_row + j for s in sampling for j in range(len(s.draft_ids) + 1)]
@@ -462,65 +457,60 @@ class LLMEngine:
         # A row with no token to draw fails its sequence only where verification reached it:
         # drafts rejected before it make the same output plain decoding would.
         row = 0
-        for seq, d, n_acc in zip(seqs, draft_ids, result.num_accepted):
-            dead = next((j for j in range(len(d) + 1) if not math.isfinite(best[row + j])), None)
+        for s, emitted, n_acc in zip(sampling, result.emitted, result.num_accepted):
+            s.emitted, s.num_accepted = emitted, n_acc
+            k = len(s.draft_ids)
+            dead = next((j for j in range(k + 1) if not math.isfinite(best[row + j])), None)
             if dead is not None and n_acc >= dead:
-                self._fail(seq.request_id, self._no_token_error(seq, dead, best[row + dead]))
-            row += len(d) + 1
-        return result.emitted, result.num_accepted
+                self._fail(s.seq.request_id, self._no_token_error(s.seq, dead, best[row + dead]))
+            row += k + 1
 
     def _no_token_error(self, seq: Sequence, offset: int, value: float) -> RequestError:
         """The error of a sequence whose law at output position num_output_tokens + offset has
         no token to draw (``value``: that row's `drawable` value)."""
         position = seq.num_output_tokens + offset
-        if not math.isnan(value) and value < 0:
-            p = seq.params
-            why = [f"structured_outputs ({p.structured_outputs.kind})"] if seq.grammar is not None else []
-            if p.allowed_token_ids is not None:
-                why.append(f"allowed_token_ids ({len(p.allowed_token_ids)} ids)")
-            if p.bad_words:
-                why.append("bad_words")
-            if position < p.min_tokens:
-                why.append(f"min_tokens={p.min_tokens} (EOS and stop_token_ids banned before {p.min_tokens} "
-                           "tokens)")
+        p = seq.params
+        why = [f"structured_outputs ({p.structured_outputs.kind})"] if seq.grammar is not None else []
+        if p.allowed_token_ids is not None:
+            why.append(f"allowed_token_ids ({len(p.allowed_token_ids)} ids)")
+        if p.bad_words:
+            why.append("bad_words")
+        if position < p.min_tokens:
+            why.append(f"min_tokens={p.min_tokens} (EOS and stop_token_ids banned before {p.min_tokens} tokens)")
+        if value == -math.inf and why:
             return UnsatisfiableRequestError(
                 seq.request_id, f"no token can be generated at output position {position}: "
-                                f"{' and '.join(why) or 'the request settings'} together allow none.")
-        logger.error("Request %s: the model's logits at output position %d are not finite (%s)", seq.request_id,
-                     position, value)
+                                f"{' and '.join(why)} together allow none.")
+        logger.error("Request %s: no token to draw at output position %d (largest logit after masks and bans: %s)",
+                     seq.request_id, position, value)
         return RequestError(seq.request_id, f"the model's logits at output position {position} are not finite.")
 
-    def _logprobs(self, sampling: list[SamplingSeq], emitted: list[list[int]], logits: torch.Tensor
-                  ) -> list[list[LogprobEntry] | None]:
+    def _logprobs(self, sampling: list[SamplingSeq], logits: torch.Tensor) -> None:
         """Raw-distribution logprobs of each emitted token, for the sequences that asked."""
-        want = [i for i, s in enumerate(sampling) if s.seq.params.logprobs is not None]
-        out: list[list[LogprobEntry] | None] = [None] * len(sampling)
+        want = [s for s in sampling if s.seq.params.logprobs is not None]
         if not want:
-            return out
-        rows = [sampling[i].first_row + j for i in want for j in range(len(emitted[i]))]
-        tokens = [t for i in want for t in emitted[i]]
-        num_top = max(sampling[i].seq.params.logprobs for i in want)
+            return
+        rows = [s.first_row + j for s in want for j in range(len(s.emitted))]
+        tokens = [t for s in want for t in s.emitted]
+        num_top = max(s.seq.params.logprobs for s in want)
         data = [t.tolist() for t in compute_logprobs(
             logits.index_select(0, torch.tensor(rows, device=logits.device)),
             torch.tensor(tokens, device=logits.device), num_top)]
         k = 0
-        for i in want:
-            out[i] = [tuple(x[k + j] for x in data) for j in range(len(emitted[i]))]
-            k += len(emitted[i])
-        return out
+        for s in want:
+            s.logprobs = [tuple(x[k + j] for x in data) for j in range(len(s.emitted))]
+            k += len(s.emitted)
 
-    def _postprocess(self, sampling: list[SamplingSeq], emitted: list[list[int]], accepted: list[int],
-                     logprobs: list[list[LogprobEntry] | None], stream: bool = False) -> list[RequestOutput]:
+    def _postprocess(self, sampling: list[SamplingSeq], stream: bool = False) -> list[RequestOutput]:
         finished: list[RequestOutput] = []
         updated: dict[str, Request] = {}
         now = time.time()
-        for s, tokens, n_acc, lps in zip(sampling, emitted, accepted, logprobs):
+        for s in sampling:
             seq = s.seq
             if seq.request_id in self._failed:  # another sequence of its request failed this step
                 continue
             req = self.requests[seq.request_id]
-            with self._guard(seq.request_id, "processing its output"):
-                self._append(seq, s.draft, tokens, n_acc, lps)
+            self._append(s)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             req.metrics.last_token_time = now
@@ -545,18 +535,24 @@ class LLMEngine:
                 o for o in finished if o.request_id not in updated]
         return finished
 
-    def _append(self, seq: Sequence, draft: Draft | None, tokens: list[int], n_acc: int,
-                lps: list[LogprobEntry] | None) -> None:
-        """One sequence's verified tokens: into its output, its cache bookkeeping and the
-        speculation counters."""
+    def _append(self, s: SamplingSeq) -> None:
+        """One sequence's verified tokens: into its output (a failure there, in its grammar or
+        its detokenizing, fails its request alone), its cache bookkeeping and the speculation
+        counters."""
+        seq, draft, n_acc = s.seq, s.draft, s.num_accepted
         req = self.requests[seq.request_id]
         # The accepted drafts' keys/values were computed by this step's forward pass.
         seq.num_computed_tokens += n_acc
-        if seq.grammar is not None:  # nothing follows the grammar's end
-            tokens = tokens[:self.structured.advance(seq.grammar, tokens)]
-        kept = self.output_processor.append_tokens(seq, tokens, lps)
-        if seq.grammar is not None and seq.finish_reason is None and seq.grammar.is_terminated():
-            self.output_processor.finish(seq, "stop")  # its stop token kept (ignore_eos)
+        try:
+            tokens = s.emitted
+            if seq.grammar is not None:  # nothing follows the grammar's end
+                tokens = tokens[:self.structured.advance(seq.grammar, tokens)]
+            kept = self.output_processor.append_tokens(seq, tokens, s.logprobs)
+            if seq.grammar is not None and seq.finish_reason is None and seq.grammar.is_terminated():
+                self.output_processor.finish(seq, "stop")  # its stop token kept (ignore_eos)
+        except Exception as e:  # noqa: BLE001 - this request's grammar or text only
+            self._fail(seq.request_id, e, "processing its output")
+            return
         # A stop inside an accepted run drops the tokens after it, whose keys and values were
         # computed too: only those of tokens kept count.
         seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)

@@ -88,14 +88,15 @@ class DraftModelProposer:
                advanced: dict[int, int]) -> None:
         """The drafting loop of `propose`: fills drafts[i] (and q_rows[i]) for i in active;
         advanced[i] counts the tokens sequence i's grammar accepted (the caller rolls back).
-        A sequence's draft ends where its masked draft law leaves no token to draw: the
-        target's law there has none either, which verification reports."""
+        A sequence's draft ends before a position where its masked draft law leaves no token to
+        draw (verification then decides with the target's own law there)."""
         for i in active:
             if seqs[i].grammar is not None:
                 advanced[i] = 0
-                if not seqs[i].grammar.accept_tokens(after[i]):
-                    raise RuntimeError("the grammar rejected its own forced tokens")
-                advanced[i] = len(after[i])
+                for t in after[i]:  # one at a time: what was accepted is rolled back, whatever happens
+                    if not seqs[i].grammar.accept_tokens([t]):
+                        raise RuntimeError("the grammar rejected its own forced tokens")
+                    advanced[i] += 1
         active = [i for i in active if i not in advanced or not seqs[i].grammar.is_terminated()]
         if not active:
             return

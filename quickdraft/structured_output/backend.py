@@ -62,8 +62,12 @@ def choice_alternatives(choices: list[str]) -> str:
 # Unbounded, a small model that does not know a number writes digits until max_tokens (seen
 # with SmolLM2: "population": 1111111111...).
 MAX_JSON_INTEGER = 2**53 - 1
-# Keys whose values are JSON data, not subschemas.
-_DATA_KEYS = frozenset({"enum", "const", "default", "examples"})
+# Keywords whose values are subschemas, maps of them, or lists of them. ("not" is left out on
+# purpose: bounds added under it would reverse their meaning.)
+_SCHEMA_KEYS = frozenset({"items", "additionalItems", "additionalProperties", "contains", "propertyNames", "if",
+                          "then", "else", "unevaluatedItems", "unevaluatedProperties"})
+_SCHEMA_MAP_KEYS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_SCHEMA_LIST_KEYS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
 
 
 def schema_of(params: StructuredOutputsParams) -> dict | bool:
@@ -99,13 +103,20 @@ def _closed(schema: dict) -> None:
 
 
 def _subschemas(node: Any) -> Iterator[dict]:
-    """Every object in a schema, the schema first, its data (enum, const, default, examples)
-    aside; each is yielded before its own members are visited, so it may be changed then."""
-    if isinstance(node, dict):
-        yield node
-        for key, value in node.items():
-            if key not in _DATA_KEYS:
-                yield from _subschemas(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _subschemas(value)
+    """Every subschema of a schema by its keywords, the schema first (property names, enum and
+    const values and defaults are data, not schemas); each is yielded before its own
+    subschemas are visited, so it may be changed then."""
+    if not isinstance(node, dict):
+        return
+    yield node
+    for key, value in list(node.items()):
+        if key in _SCHEMA_KEYS:
+            children = value if isinstance(value, list) else [value]  # items may be a list (draft 4)
+        elif key in _SCHEMA_MAP_KEYS and isinstance(value, dict):
+            children = list(value.values())
+        elif key in _SCHEMA_LIST_KEYS and isinstance(value, list):
+            children = value
+        else:
+            continue
+        for child in children:
+            yield from _subschemas(child)

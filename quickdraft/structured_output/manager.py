@@ -125,11 +125,12 @@ class StructuredOutputManager:
                         if not grammar.accept_tokens([draft[j]]):
                             raise RuntimeError(f"the grammar rejected draft token {draft[j]} after validating it")
                         advanced += 1
-                grammar.rollback(advanced)
             except Exception as e:  # noqa: BLE001 - this sequence's grammar only
                 errors[i] = e
-                del rows[start:]
-                bitmask[start:] = -1  # the next item's rows are filled again from here
+                del rows[start:]  # the next item's rows are filled from here
+            finally:
+                if advanced:
+                    grammar.rollback(advanced)
         bitmask = bitmask[:len(rows)]
         apply_bitmask(logits, bitmask, rows)
         return errors

@@ -88,7 +88,7 @@ class XgrammarBackend:
         ebnf = str(self.xgr.Grammar.from_json_schema(schema, any_whitespace=True, max_whitespace_cnt=_MARK))
         runs = re.compile(r"\bwhitespace(?:_\d+)?\{0, %d\}" % _MARK)
         ebnf, count = runs.subn("json_ws", ebnf)
-        if str(_MARK) in ebnf:  # a whitespace run written in a form this rewrite does not know
+        if re.search(r"\{0, %d\}" % _MARK, ebnf):  # a whitespace run in a form this rewrite does not know
             raise RuntimeError("xgrammar wrote JSON whitespace in an unexpected form")
         if count:
             ebnf += '\njson_ws ::= "" | " " | "\\n" [ \\t]{0, %d}\n' % max_indent
