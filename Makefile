@@ -38,12 +38,19 @@ fuzz: $(STAMP)
 	$(PY) benchmarks/soak.py --num-requests 2000 --concurrency 32 --modes plain,ngram --max-model-len 1024
 
 # The bench extra: llama-cpp-python, built from source with the system compiler (minutes, once).
+# On CPUs with AMX, llama.cpp's native build compiles its AMX path, which segfaults at the first
+# decode of SmolLM2 (ggml_backend_amx_mul_mat): there the peer is built without it, with the
+# AVX-512 and VNNI paths named explicitly (benchmarks say which build they timed).
+LLAMA_CPP_NO_AMX := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
 $(BENCH_STAMP): $(STAMP)
-	$(PIP) install --quiet "$(TORCH_PIN)" -e ".[test,bench]"
+	if grep -qw amx_int8 /proc/cpuinfo; then export CMAKE_ARGS="$(LLAMA_CPP_NO_AMX)"; fi; \
+		$(PIP) install --quiet "$(TORCH_PIN)" -e ".[test,bench]"
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/vs_llamacpp.py
+	$(PY) benchmarks/gguf_formats.py
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/isa_paths.py
 	$(PY) benchmarks/spec_decode.py

@@ -129,6 +129,29 @@ def test_native_kernel_bit_equal_to_reference_and_batch_invariant(qtype, isa):
 
 
 @needs_kernels
+@pytest.mark.parametrize("isa", TESTED_ISAS)
+def test_parts_in_different_formats_run_side_by_side_bit_exact(isa):
+    """A fused weight whose row blocks are stored as Q4_K, Q6_K and float16 (Q4_K_M files keep
+    V in Q6_K beside Q/K in Q4_K): each part's columns are its own kernel's, bit for bit the
+    numpy reference (the float16 part: the float kernel's), bias included, in every batch size."""
+    from quickdraft.kernels import PackedParts, linear_kernel
+
+    K = 512
+    q = gl.split_blocks(torch.from_numpy(random_blocks(QT.Q4_K, 8 * 3 + 5, K, seed=21)), int(QT.Q4_K))
+    v = gl.split_blocks(torch.from_numpy(random_blocks(QT.Q6_K, 16, K, seed=22)), int(QT.Q6_K))
+    h = torch.randn(11, K, generator=torch.Generator().manual_seed(23)).half()
+    parts = PackedParts([quant_linear_kernel(isa)(q), quant_linear_kernel(isa)(v), linear_kernel()(h)])
+    x = activations(70, K, seed=24)
+    bias = torch.randn(parts.out_features, generator=torch.Generator().manual_seed(25))
+    want = torch.cat([torch.from_numpy(numpy_reference(x, q)), torch.from_numpy(numpy_reference(x, v)),
+                      linear_kernel()(h.float())(x, None)], dim=1) + bias
+    full = parts(x, bias)
+    np.testing.assert_array_equal(bits(full), bits(want))
+    for M in range(1, 71):
+        assert torch.equal(parts(x[:M], bias), full[:M]), M
+
+
+@needs_kernels
 def test_every_instruction_set_gives_the_same_bits():
     w = gl.split_blocks(torch.from_numpy(random_blocks(QT.Q4_1, 40, 576, seed=3)), int(QT.Q4_1))
     x = activations(7, 576, seed=4)

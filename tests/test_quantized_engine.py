@@ -155,7 +155,7 @@ def test_float_checkpoint_quantized_at_load(tiny_checkpoint, monkeypatch, method
 @pytest.mark.parametrize("variant", ["mixed", "quantized", "16-bit"])
 def test_tiny_gguf_blocks_as_stored(tmp_path, tiny_checkpoint, monkeypatch, variant):
     """Tiny GGUFs: with Q/K/V (and gate/up) in different block types, as Q4_K_M files have, the
-    fused matrix runs dequantized in float32 and the rest as stored; with uniform types (Q/K rows
+    fused matrix runs each part as stored, side by side, and the rest as stored too; with uniform types (Q/K rows
     permuted by llama.cpp's converter) everything runs as stored, float16/bfloat16 matrices too
     (widened in registers). Logits equal the torch path on the same stored weights (to float
     rounding; exactly the dequantized path's where only 16-bit matrices differ), stay near the
@@ -179,8 +179,9 @@ def test_tiny_gguf_blocks_as_stored(tmp_path, tiny_checkpoint, monkeypatch, vari
     if variant != "16-bit":
         assert layer.o_proj.kernel == f"native-U8F-{isa}" and layer.down_proj.kernel == f"native-U8F16-{isa}"
         assert llm.engine.runner.model.lm_head.kernel == f"native-S8H-{isa}"
-    if variant == "mixed":
-        assert layer.qkv_proj.kernel == layer.gate_up_proj.kernel == "native-f32"
+    if variant == "mixed":  # each part as stored, side by side
+        assert layer.qkv_proj.kernel == f"native-f16+bf16+U4H-{isa}"
+        assert layer.gate_up_proj.kernel == f"native-U4H+S8H-{isa}"
     elif variant == "quantized":
         assert layer.qkv_proj.kernel == f"native-U4H-{isa}" and layer.gate_up_proj.kernel == f"native-U8F-{isa}"
     else:
@@ -201,6 +202,8 @@ def test_tiny_gguf_blocks_as_stored(tmp_path, tiny_checkpoint, monkeypatch, vari
             m.setattr(llama_mod, "layer_ops", lambda: None)
             torch_path = LLM(str(path), **kw)
         assert torch_path.engine.runner.model.layers[0].o_proj.kernel == "torch-quantized"
+        if variant == "mixed":
+            assert torch_path.engine.runner.model.layers[0].qkv_proj.kernel == "torch-parts"
         # Float rounding in attention can move an activation across an int8 rounding boundary,
         # which these unscaled weights amplify: nearly every logit agrees to 1e-3.
         close = torch.isclose(_logits(torch_path, ids, 0), a, rtol=1e-4, atol=1e-3)

@@ -162,6 +162,27 @@ class PackedLinear:
         return self.packed[index // 16, :, index % 16].float()
 
 
+class PackedParts:
+    """One weight as blocks of output rows, each packed in its own format (PackedLinear or
+    PackedQuantLinear): a fused Q/K/V or gate/up whose parts are stored in different block
+    types (Q4_K_M files keep V in Q6_K in half of the layers, Q and K in Q4_K). Each output
+    element is computed by its part's kernel alone, so the result is the parts' side by side,
+    bit for bit, and the bytes read are the parts' own."""
+
+    def __init__(self, parts: list[PackedLinear | PackedQuantLinear]) -> None:
+        self.parts = parts
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x: [M, K] float32 -> x W^T + bias [M, N]."""
+        outs, n0 = [], 0
+        for p in self.parts:
+            outs.append(p(x, None if bias is None else bias[n0:n0 + p.out_features]))
+            n0 += p.out_features
+        return torch.cat(outs, dim=1)
+
+
 @lru_cache(maxsize=None)
 def linear_kernel() -> Callable[[torch.Tensor], PackedLinear] | None:
     """``pack(weight [N, K]) -> PackedLinear`` for the native float linear (float32, float16 or

@@ -28,14 +28,22 @@ void qd_silu_mul_f32(const float* gu, int64_t M, int64_t I, float* out, int num_
 typedef void (*qd_linear_float_fn)(const float* x, int64_t M, int64_t ldx, const void* packed, int64_t N,
                                    int64_t K, const float* bias, const float* res, int64_t ldr, float* y,
                                    int64_t ldy, int num_threads);
-/* One linear layer: fmt 0 = float panels (linear_f32.c; fn is qd_linear_f32, _f16 or _bf16 for
- * the panels' dtype), else a QD_Q_* format of linear_q8.c (fn is the instruction-set variant
- * chosen from the CPU flags). */
+/* One linear layer, as one or more blocks of output rows each packed in its own format (a fused
+ * Q/K/V whose V rows are stored in another block type than Q and K, as in Q4_K_M files). A
+ * part's fmt 0 = float panels (linear_f32.c; fn is qd_linear_f32, _f16 or _bf16 for the panels'
+ * dtype), else a QD_Q_* format of linear_q8.c (fn is the instruction-set variant chosen from the
+ * CPU flags). Each output element is computed by exactly one part, with its bias and residual. */
+#define QD_MAX_PARTS 4
 typedef struct {
     const void* w;
-    const float* bias;
     const void* fn;
     int64_t fmt;
+    int64_t rows;
+} qd_part;
+typedef struct {
+    const float* bias;
+    int64_t num_parts;
+    qd_part parts[QD_MAX_PARTS];
 } qd_lin;
 
 typedef struct {
@@ -62,16 +70,27 @@ typedef struct {
     float *xd, *xs32, *xs16;                              /* scratch, [T, max K / 32 (16)] */
 } qd_step;
 
-/* y [M, N] = x [M, K] (row stride ldx) W^T + bias (+ res, which may be y itself). */
+/* y [M, N] = x [M, K] (row stride ldx) W^T + bias (+ res, which may be y itself), part by part
+ * (the activations quantized once for the quantized parts). */
 static void linear(const qd_lin* L, const float* x, int64_t M, int64_t ldx, int64_t N, int64_t K, const float* res,
                    float* y, int64_t ldy, const qd_step* s, int num_threads) {
-    if (L->fmt == 0) {
-        ((qd_linear_float_fn)L->fn)(x, M, ldx, L->w, N, K, L->bias, res, ldy, y, ldy, num_threads);
-        return;
+    int quantized = 0;
+    int64_t n0 = 0;
+    for (int64_t p = 0; p < L->num_parts; ++p) {
+        const qd_part* P = L->parts + p;
+        const float* bias = L->bias ? L->bias + n0 : 0;
+        const float* r = res ? res + n0 : 0;
+        if (P->fmt == 0) {
+            ((qd_linear_float_fn)P->fn)(x, M, ldx, P->w, P->rows, K, bias, r, ldy, y + n0, ldy, num_threads);
+        } else {
+            if (!quantized) qd_quantize_q8(x, M, ldx, K, s->xq, s->xd, s->xs32, s->xs16, num_threads);
+            quantized = 1;
+            ((qd_linear_q8_fn)P->fn)((int)P->fmt, s->xq, s->xd, s->xs32, s->xs16, M, (const uint8_t*)P->w, P->rows, K,
+                                     bias, r, ldy, y + n0, ldy, num_threads);
+        }
+        n0 += P->rows;
     }
-    qd_quantize_q8(x, M, ldx, K, s->xq, s->xd, s->xs32, s->xs16, num_threads);
-    ((qd_linear_q8_fn)L->fn)((int)L->fmt, s->xq, s->xd, s->xs32, s->xs16, M, (const uint8_t*)L->w, N, K, L->bias, res, ldy, y, ldy,
-          num_threads);
+    (void)N; /* the parts' rows add up to N */
 }
 
 void qd_decoder(float* x, const qd_layer* layers, int64_t num_layers, const qd_dims* d, const qd_step* s,

@@ -22,8 +22,15 @@ _p = ctypes.c_void_p
 _i = ctypes.c_int64
 
 
+MAX_PARTS = 4  # QD_MAX_PARTS in decoder.c
+
+
+class _Part(ctypes.Structure):
+    _fields_ = [("w", _p), ("fn", _p), ("fmt", _i), ("rows", _i)]
+
+
 class _Lin(ctypes.Structure):
-    _fields_ = [("w", _p), ("bias", _p), ("fn", _p), ("fmt", _i)]
+    _fields_ = [("bias", _p), ("num_parts", _i), ("parts", _Part * MAX_PARTS)]
 
 
 class _Layer(ctypes.Structure):
@@ -77,10 +84,12 @@ class NativeDecoder:
                     lin = getattr(layer, f"{name}_proj")
                     desc = getattr(entry, name)
                     desc.bias = _ptr(lin.bias)
-                    if lin.native_q is not None:
-                        desc.w, desc.fn, desc.fmt = lin.native_q.packed.data_ptr(), lin.native_q.fn_address, lin.native_q.fmt
-                    else:
-                        desc.w, desc.fn, desc.fmt = lin.native.packed.data_ptr(), lin.native.fn_address, 0
+                    parts = lin.native_parts.parts if lin.native_parts is not None else [lin.native_q or lin.native]
+                    assert len(parts) <= MAX_PARTS
+                    desc.num_parts = len(parts)
+                    for part, packed in zip(desc.parts, parts):
+                        part.w, part.fn, part.rows = packed.packed.data_ptr(), packed.fn_address, packed.out_features
+                        part.fmt = getattr(packed, "fmt", 0)  # a float PackedLinear: 0
                 entry.k_cache, entry.v_cache = cache[0].data_ptr(), cache[1].data_ptr()
             self._table, self._caches = table, ptrs
         return self._table

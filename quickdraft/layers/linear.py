@@ -13,13 +13,14 @@ F.linear.
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quickdraft.kernels import PackedLinear, PackedQuantLinear, linear_kernel, quant_linear_kernel
+from quickdraft.kernels import PackedLinear, PackedParts, PackedQuantLinear, linear_kernel, quant_linear_kernel
 from quickdraft.layers.quantization import (FORMAT_NAMES, QuantizedWeight, quantize_weight,
                                             quantized_linear_reference)
 
@@ -38,6 +39,9 @@ def _pack(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+_FLOAT_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
 class Linear(nn.Module):
     """y = x W^T + b with W: [out_features, in_features]."""
 
@@ -52,6 +56,8 @@ class Linear(nn.Module):
         self.packed: torch.Tensor | None = None
         self.native: PackedLinear | None = None
         self.native_q: PackedQuantLinear | None = None
+        self.native_parts: PackedParts | None = None  # row blocks stored in different formats
+        self.quant_parts: list[QuantizedWeight | torch.Tensor] | None = None  # the same, on the torch path
         self.quant: QuantizedWeight | None = None  # the torch path on quantized weights
         self._parts: dict[int, QuantizedWeight | torch.Tensor] = {}  # row offset -> stored rows, until pack()
 
@@ -65,10 +71,10 @@ class Linear(nn.Module):
                              f"[{self.out_features}, {self.in_features}] weight.")
         self._parts[row_offset] = part
 
-    def _assemble(self) -> QuantizedWeight | torch.Tensor | None:
-        """The stored parts as one weight: quantized, or 16-bit. Parts that cannot be fused
-        (different formats, or rows loaded as floats beside them) are written into the float
-        weight instead (returns None)."""
+    def _assemble(self) -> QuantizedWeight | torch.Tensor | list[QuantizedWeight | torch.Tensor] | None:
+        """The stored parts as one weight: quantized, or 16-bit; or, where they cannot be fused
+        (different formats), the list of parts in row order, each to run as stored. Rows loaded
+        as floats beside them are written, with the rest, into the float weight (returns None)."""
         offsets = sorted(self._parts)
         parts = [self._parts[k] for k in offsets]
         self._parts = {}
@@ -76,10 +82,15 @@ class Linear(nn.Module):
             if sum(p.shape[0] for p in parts) != self.out_features:
                 raise ValueError("some rows of the weight are stored otherwise")
             if all(isinstance(p, QuantizedWeight) for p in parts):
-                return parts[0] if len(parts) == 1 else QuantizedWeight.cat(parts)
+                try:
+                    return parts[0] if len(parts) == 1 else QuantizedWeight.cat(parts)
+                except ValueError:
+                    return parts
             if all(isinstance(p, torch.Tensor) for p in parts) and len({p.dtype for p in parts}) == 1:
                 return parts[0] if len(parts) == 1 else torch.cat(parts)
-            raise ValueError("its parts are stored in different formats")
+            if all(isinstance(p, QuantizedWeight) or p.dtype in (torch.float16, torch.bfloat16) for p in parts):
+                return parts
+            raise ValueError("some of its parts are stored as float32")
         except ValueError as e:
             logger.info("Linear [%d, %d]: %s; using it in %s.", self.out_features, self.in_features, e,
                         self.weight.dtype)
@@ -87,6 +98,16 @@ class Linear(nn.Module):
                 value = part.dequantize() if isinstance(part, QuantizedWeight) else part
                 self.weight.data[offset:offset + part.shape[0]] = value.to(self.weight.dtype)
             return None
+
+    def _native_parts_possible(self, parts: list[QuantizedWeight | torch.Tensor]) -> bool:
+        """Whether every part can run as stored on a native kernel of its own (CPU, float32
+        activations, at most MAX_PARTS parts)."""
+        from quickdraft.kernels.decoder import MAX_PARTS
+
+        w = self.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32 or len(parts) > MAX_PARTS:
+            return False
+        return linear_kernel() is not None and quant_linear_kernel() is not None
 
     def pack(self, keep_weight: bool = False, quantization: str | None = None) -> bool:
         """Choose the kernel: quantized weights (set_stored, or ``quantization`` 'q8_0' / 'q4_0'
@@ -96,6 +117,21 @@ class Linear(nn.Module):
         ``keep_weight`` (a weight shared with an embedding). Returns whether a CPU kernel was chosen."""
         w = self.weight
         stored = self._assemble() if self._parts else None
+        if isinstance(stored, list) and quantization is None:  # parts in different formats, each as stored
+            native = self._native_parts_possible(stored)
+            if native:
+                self.native_parts = PackedParts([quant_linear_kernel()(p) if isinstance(p, QuantizedWeight)
+                                                 else linear_kernel()(p) for p in stored])
+            else:
+                self.quant_parts = [p.to(w.device) for p in stored]
+            if not keep_weight:
+                self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+            return native
+        if isinstance(stored, list):  # quantization=... asks for one format: the parts as floats
+            for part, n0 in zip(stored, itertools.accumulate([0] + [p.shape[0] for p in stored])):
+                value = part.dequantize() if isinstance(part, QuantizedWeight) else part
+                w.data[n0:n0 + part.shape[0]] = value.to(w.dtype)
+            stored = None
         if isinstance(stored, torch.Tensor):  # float16 / bfloat16 rows
             pack_native = linear_kernel() if w.device.type == "cpu" and w.dtype == torch.float32 else None
             if pack_native is not None and quantization is None:
@@ -131,16 +167,37 @@ class Linear(nn.Module):
     @property
     def kernel(self) -> str:
         """Which kernel runs this layer, for logs and tests."""
+        if self.native_parts is not None:
+            names = [FORMAT_NAMES[p.fmt] if isinstance(p, PackedQuantLinear) else _FLOAT_NAMES[p.packed.dtype]
+                     for p in self.native_parts.parts]
+            isa = next((p.isa for p in self.native_parts.parts if isinstance(p, PackedQuantLinear)), None)
+            return f"native-{'+'.join(names)}" + (f"-{isa}" if isa else "")
         if self.native_q is not None:
             return f"native-{FORMAT_NAMES[self.native_q.fmt]}-{self.native_q.isa}"
+        if self.quant_parts is not None:
+            return "torch-parts"
         if self.quant is not None:
             return "torch-quantized"
         if self.native is not None:
-            return "native-" + {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[self.native.packed.dtype]
+            return "native-" + _FLOAT_NAMES[self.native.packed.dtype]
         return "onednn" if self.packed is not None else "torch"
+
+    def _forward_parts(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] float32 -> [M, N]: each stored part on its rows (the torch path of PackedParts)."""
+        outs, n0 = [], 0
+        for part in self.quant_parts:
+            n = part.shape[0]
+            bias = None if self.bias is None else self.bias[n0:n0 + n].float()
+            outs.append(quantized_linear_reference(x, part, bias) if isinstance(part, QuantizedWeight)
+                        else F.linear(x, part.float(), bias))
+            n0 += n
+        return torch.cat(outs, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self.native_parts is not None:
+            y = self.native_parts(x.reshape(-1, shape[-1]).float(), self.bias)
+            return y.view(*shape[:-1], self.out_features).to(x.dtype)
         if self.native_q is not None:
             y = self.native_q(x.reshape(-1, shape[-1]).float(), self.bias)
             return y.view(*shape[:-1], self.out_features).to(x.dtype)
@@ -148,6 +205,8 @@ class Linear(nn.Module):
             y = quantized_linear_reference(x.reshape(-1, shape[-1]).float(), self.quant,
                                            None if self.bias is None else self.bias.float())
             return y.view(*shape[:-1], self.out_features).to(x.dtype)
+        if self.quant_parts is not None:
+            return self._forward_parts(x.reshape(-1, shape[-1]).float()).view(*shape[:-1], self.out_features).to(x.dtype)
         if self.native is not None:
             return self.native(x.reshape(-1, shape[-1]), self.bias).view(*shape[:-1], self.out_features)
         if self.packed is not None:

@@ -119,7 +119,8 @@ class DecoderForCausalLM(nn.Module):
         self.lm_head.pack(keep_weight=tied, quantization=quantization)
         if self.embed_quant is not None:
             self.embed_quant = self.embed_quant.to(self.embed_tokens.device)
-        native = all(lin.native is not None or lin.native_q is not None for lin in self._linears())
+        native = all(lin.native is not None or lin.native_q is not None or lin.native_parts is not None
+                     for lin in self._linears())
         if native and layer_ops() is not None and self.cfg.head_dim % 8 == 0 and self.cfg.head_dim <= 256:
             self.native_decoder = NativeDecoder(list(self.layers), self.cfg.hidden_size, self.cfg.intermediate_size,
                                                 self.cfg.rms_norm_eps)
