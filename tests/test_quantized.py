@@ -29,7 +29,7 @@ TESTED_ISAS = ISAS + ["vnniemu"] if ISAS else []
 needs_kernels = pytest.mark.skipif(not ISAS, reason="native kernels unavailable (no compiler or no AVX2)")
 BLOCK_TYPES = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 EXPECTED_FORMAT = {QT.Q8_0: qz.FMT_S8H, QT.Q4_0: qz.FMT_U4H, QT.Q4_1: qz.FMT_U4H, QT.Q5_0: qz.FMT_U8F,
-                   QT.Q5_1: qz.FMT_U8F, QT.Q4_K: qz.FMT_U4K, QT.Q5_K: qz.FMT_U8F, QT.Q6_K: qz.FMT_U6K}
+                   QT.Q5_1: qz.FMT_U8F, QT.Q4_K: qz.FMT_U4F, QT.Q5_K: qz.FMT_U8F, QT.Q6_K: qz.FMT_U8F16}
 F16_OFFSETS = {QT.Q8_0: [0], QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q5_1: [0, 2],
                QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
 
@@ -128,55 +128,6 @@ def test_native_kernel_bit_equal_to_reference_and_batch_invariant(qtype, isa):
     assert torch.equal(out, res + (full + bias))
 
 
-# Bytes of packed weight per weight, by kernel format (panel padding aside).
-PACKED_BITS = {qz.FMT_S8H: 8.5, qz.FMT_U4H: 5.0, qz.FMT_U4F: 6.0, qz.FMT_U8F: 10.0, qz.FMT_U8F16: 12.0,
-               qz.FMT_U4K: 4.625, qz.FMT_U6K: 6.5625}
-
-
-@needs_kernels
-@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
-def test_packed_bytes_per_weight(qtype):
-    """What a decode step reads, per format: Q4_K and Q6_K as stored (4.625 and 6.5625 bits a
-    weight against the file's 4.5 and 6.5625: Q4_K's 6-bit scales and mins take a byte each)."""
-    N, K = 16, 512
-    w = gl.split_blocks(torch.from_numpy(random_blocks(qtype, N, K, seed=31)), int(qtype))
-    lin = quant_linear_kernel()(w)
-    assert lin.packed.numel() * 8 / (N * K) == PACKED_BITS[lin.fmt]
-
-
-# Bytes of a packed super-block to flip, per compact format: the float16 d (and m), an integer
-# scale (and min), a low-nibble quant byte, a high-bits byte (U6K).
-MUTATIONS = {qz.FMT_U4K: (1, 17, 32 + 8 * 3 + 5, 96 + 8 * 7 + 2, 160 + 128 + 3),
-             qz.FMT_U6K: (1, 16 + 8 * 5 + 3, 144 + 128 * 2 + 7, 144 + 1024 + 64 * 3 + 5)}
-
-
-@needs_kernels
-@pytest.mark.parametrize("isa", TESTED_ISAS)
-@pytest.mark.parametrize("qtype,compact,widened", [(QT.Q4_K, qz.FMT_U4K, qz.FMT_U4F), (QT.Q6_K, qz.FMT_U6K, qz.FMT_U8F16)],
-                         ids=["Q4_K", "Q6_K"])
-def test_k_formats_as_stored_equal_their_widened_form(isa, qtype, compact, widened):
-    """U4K and U6K form each block's scale (and offset) in registers from the stored float16
-    super-block scales and small integers; the products are exact, so the output is the widened
-    format's (the same weight with float32 scales per block: U4F, U8F16) bit for bit, and so are
-    the embedding rows. A flipped bit in a stored scale, min or quant changes the output."""
-    N, K = 8 * 4 + 3, 768
-    w = gl.split_blocks(torch.from_numpy(random_blocks(qtype, N, K, seed=32)), int(qtype))
-    plain = qz.QuantizedWeight(w.q, w.d, w.m, w.bs, w.source, w.zero)  # no factors: the widened format
-    kernel = quant_linear_kernel(isa)
-    packed, wide = kernel(w), kernel(plain)
-    assert (packed.fmt, wide.fmt) == (compact, widened)
-    x = activations(9, K, seed=33)
-    want = wide(x, None)
-    assert torch.equal(packed(x, None), want)
-    np.testing.assert_array_equal(bits(want), bits(numpy_reference(x, w)))
-    idx = torch.tensor([0, N - 1, 9, 9])
-    assert torch.equal(packed.rows(idx), wide.rows(idx)) and torch.equal(packed.rows(idx), w.dequantize(idx))
-    for offset in MUTATIONS[compact]:
-        mutated = kernel(w)
-        mutated.packed[1, 2, offset] ^= 0x10 if offset in (1, 17) else 0x01
-        assert not torch.equal(mutated(x, None), want), offset
-
-
 @needs_kernels
 @pytest.mark.parametrize("isa", TESTED_ISAS)
 def test_parts_in_different_formats_run_side_by_side_bit_exact(isa):
@@ -228,8 +179,7 @@ def test_mutated_scale_or_nibble_order_is_detected(qtype):
     want = numpy_reference(x, w)
     lin = quant_linear_kernel()(w)
     np.testing.assert_array_equal(bits(lin(x, None)), bits(want))
-    # a bit of row 8 + 0's scale (float16 high byte / float32 byte 1), block 2 (U6K: super-block 0)
-    lin.packed[(1, 0, 1) if lin.fmt == qz.FMT_U6K else (1, 2, 1)] ^= 0x10
+    lin.packed[1, 2, 1] ^= 0x10  # a bit of row 8 + 0's scale (float16 high byte / float32 byte 1), block 2
     assert not np.array_equal(bits(lin(x, None)), bits(want))
     swapped = qz.QuantizedWeight(w.q.view(N, K // 32, 2, 16).flip(2).reshape(N, K).contiguous(), w.d, w.m, w.bs,
                                  w.source, w.zero)

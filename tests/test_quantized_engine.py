@@ -177,7 +177,7 @@ def test_tiny_gguf_blocks_as_stored(tmp_path, tiny_checkpoint, monkeypatch, vari
     layer = llm.engine.runner.model.layers[0]
     isa = quant_isas()[0]
     if variant != "16-bit":
-        assert layer.o_proj.kernel == f"native-U8F-{isa}" and layer.down_proj.kernel == f"native-U6K-{isa}"
+        assert layer.o_proj.kernel == f"native-U8F-{isa}" and layer.down_proj.kernel == f"native-U8F16-{isa}"
         assert llm.engine.runner.model.lm_head.kernel == f"native-S8H-{isa}"
     if variant == "mixed":  # each part as stored, side by side
         assert layer.qkv_proj.kernel == f"native-f16+bf16+U4H-{isa}"

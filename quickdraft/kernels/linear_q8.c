@@ -22,21 +22,9 @@
  * dot product yields one sum per row without horizontal reductions. Formats (QD_Q_*), bytes per panel block:
  *     S8H   int8 quants, float16 scale                         16 + 256   (Q8_0)
  *     U4H   4-bit quants, float16 scale and offset           16 + 16 + 128 (Q4_0, Q4_1)
- *     U4F   4-bit quants, float32 scale and offset           32 + 32 + 128 (Q4_K without its factors)
+ *     U4F   4-bit quants, float32 scale and offset           32 + 32 + 128 (Q4_K)
  *     U8F   unsigned 8-bit quants, float32 scale and offset  32 + 32 + 256 (Q5_0, Q5_1, Q5_K)
  *     U8F16 as U8F with a scale and offset per 16 values     4 * 32 + 256  (Q6_K)
- *     U4K   Q4_K as stored: per super-block of 8 blocks (256 values), the 8 rows' float16 d and m
- *           (16 + 16 bytes), then each block's 6-bit scale and min as bytes ([block][row],
- *           64 + 64), then the blocks' 4-bit quants as U4F's (8 x 128): 1184 bytes per super-block,
- *           148 per block on average. The block's scale d * sc and offset m * mn are formed in
- *           registers; both products are exact in float32, so they are U4F's stored floats and
- *           the result is U4F's, bit for bit, from 4.625 bits a weight instead of 6.
- *     U6K   Q6_K as stored: per super-block, the 8 rows' float16 d (16 bytes), the 16 half-blocks'
- *           int8 scales ([half-block][row], 128), the blocks' low 4 bits as U4F's quants
- *           (8 x 128) and their high 2 bits (8 x 64: per block two vectors, bits 2i, 2i + 1 of
- *           byte k of vector h from group 4h + i): 1680 bytes, 6.5625 bits a weight instead of
- *           U8F16's 12. Scale d * sc and offset -32 d are formed in registers, exactly: U8F16's
- *           result bit for bit.
  * Unsigned quants are at most 63 (sums of products with int8 stay inside maddubs' int16 pairs,
  * see sums_unsigned); int8 quants go through |w| and sign(xq, w), so -128 is exact too.
  */
@@ -51,14 +39,9 @@
 #define QD_CAT(a, b) QD_CAT2(a, b)
 #define QD_FN(name) QD_CAT(name, QD_ISA)
 
-enum { QD_Q_S8H = 1, QD_Q_U4H = 2, QD_Q_U4F = 3, QD_Q_U8F = 4, QD_Q_U8F16 = 5, QD_Q_U4K = 6, QD_Q_U6K = 7 };
+enum { QD_Q_S8H = 1, QD_Q_U4H = 2, QD_Q_U4F = 3, QD_Q_U8F = 4, QD_Q_U8F16 = 5 };
 #define QB 32 /* values per block */
 #define NRQ 8 /* output rows per panel */
-#define U4K_SUPER 1184 /* bytes of a U4K super-block (8 blocks) */
-#define U4K_QUANTS (16 + 16 + 64 + 64)
-#define U6K_SUPER 1680 /* bytes of a U6K super-block */
-#define U6K_LOW (16 + 128)
-#define U6K_HIGH (U6K_LOW + 8 * 128)
 
 static inline int64_t q_block_bytes(int fmt) {
     switch (fmt) {
@@ -67,8 +50,6 @@ static inline int64_t q_block_bytes(int fmt) {
     case QD_Q_U4F: return 32 + 32 + 128;
     case QD_Q_U8F: return 32 + 32 + 256;
     case QD_Q_U8F16: return 4 * 32 + 256;
-    case QD_Q_U4K: return U4K_SUPER / 8; /* on average: a panel holds nb / 8 super-blocks */
-    case QD_Q_U6K: return U6K_SUPER / 8;
     default: return 0;
     }
 }
@@ -165,24 +146,6 @@ static inline __m256i sum_signed(const __m256i* v, const __m256i* av, const int8
 
 static inline __m256 load_h8(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 static inline __m256 load_f8(const uint8_t* p) { return _mm256_loadu_ps((const float*)p); }
-/* 8 unsigned (signed) bytes as 8 floats. */
-static inline __m256 load_u8x8(const uint8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-}
-static inline __m256 load_i8x8(const uint8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-}
-/* U6K: a block's groups (see load_groups_*): the low nibbles, with the high 2-bit pairs added. */
-static inline void load_groups_u6(const uint8_t* low, const uint8_t* high, __m256i* v) {
-    const __m256i three = _mm256_set1_epi8(3);
-    load_groups_u4(low, v);
-    const __m256i h0 = _mm256_loadu_si256((const __m256i*)high), h1 = _mm256_loadu_si256((const __m256i*)(high + 32));
-    for (int i = 0; i < 4; ++i) {
-        v[i] = _mm256_or_si256(v[i], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h0, 2 * i), three), 4));
-        v[i + 4] = _mm256_or_si256(v[i + 4],
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h1, 2 * i), three), 4));
-    }
-}
 
 /* One tile of MR activation rows against one panel, over all blocks. xq: row m0's quants (row
  * stride ldq), xd: its block scales [MR][nb], xs32 / xs16: its offset sums [MR][nb] / [MR][2 nb]. */
@@ -192,14 +155,8 @@ static inline __attribute__((always_inline)) void panel_tile(
     const int64_t bb = q_block_bytes(fmt);
     for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-        /* U4K: blk is the block's super-block; the block is number b % 8 in it. */
-        const uint8_t* blk = fmt == QD_Q_U4K   ? panel + (b >> 3) * U4K_SUPER
-                             : fmt == QD_Q_U6K ? panel + (b >> 3) * U6K_SUPER
-                                               : panel + b * bb;
+        const uint8_t* blk = panel + b * bb;
         __m256i v[8], av[8];
-        /* U4K / U6K: the block's scales and offsets, formed once for all MR rows (U6K: kd, km for
-         * values 0-15, kd2, km2 for 16-31). */
-        __m256 kd = _mm256_setzero_ps(), km = kd, kd2 = kd, km2 = kd;
         switch (fmt) {
         case QD_Q_S8H:
             load_groups_8(blk + 16, v);
@@ -208,23 +165,6 @@ static inline __attribute__((always_inline)) void panel_tile(
         case QD_Q_U4H: load_groups_u4(blk + 32, v); break;
         case QD_Q_U4F: load_groups_u4(blk + 64, v); break;
         case QD_Q_U8F: load_groups_8(blk + 64, v); break;
-        case QD_Q_U4K: {
-            const int j = (int)(b & 7);
-            load_groups_u4(blk + U4K_QUANTS + 128 * j, v);
-            kd = _mm256_mul_ps(load_h8(blk), load_u8x8(blk + 32 + 8 * j));      /* d * sc, exact */
-            km = _mm256_mul_ps(load_h8(blk + 16), load_u8x8(blk + 96 + 8 * j)); /* m * mn, exact */
-            break;
-        }
-        case QD_Q_U6K: {
-            const int j = (int)(b & 7);
-            load_groups_u6(blk + U6K_LOW + 128 * j, blk + U6K_HIGH + 64 * j, v);
-            const __m256 d = load_h8(blk), m32 = _mm256_set1_ps(-32.0f);
-            kd = _mm256_mul_ps(d, load_i8x8(blk + 16 + 8 * (2 * j)));      /* d * sc, exact */
-            kd2 = _mm256_mul_ps(d, load_i8x8(blk + 16 + 8 * (2 * j + 1)));
-            km = _mm256_mul_ps(kd, m32); /* the zero point's offset -32 d, exact */
-            km2 = _mm256_mul_ps(kd2, m32);
-            break;
-        }
         default: load_groups_8(blk + 128, v); break;
         }
         for (int i = 0; i < MR; ++i) {
@@ -248,21 +188,6 @@ static inline __attribute__((always_inline)) void panel_tile(
                 const __m256 s = _mm256_mul_ps(d, dx);
                 acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_cvtepi32_ps(lo), s));
                 acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(m, _mm256_set1_ps(xs32[i * nb + b])));
-                break;
-            }
-            case QD_Q_U4K: {
-                sums_unsigned(v, xb, 1, 1, &lo, &hi);
-                acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(kd, dx)));
-                acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(km, _mm256_set1_ps(xs32[i * nb + b])));
-                break;
-            }
-            case QD_Q_U6K: {
-                sums_unsigned(v, xb, 0, 0, &lo, &hi);
-                const float* s16 = xs16 + i * 2 * nb + 2 * b;
-                acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(kd, dx)));
-                acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(km, _mm256_set1_ps(s16[0])));
-                acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(kd2, dx)));
-                acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(km2, _mm256_set1_ps(s16[1])));
                 break;
             }
             case QD_Q_U8F16: {
@@ -301,16 +226,13 @@ DEFINE_QTILES(U4H)
 DEFINE_QTILES(U4F)
 DEFINE_QTILES(U8F)
 DEFINE_QTILES(U8F16)
-DEFINE_QTILES(U4K)
-DEFINE_QTILES(U6K)
 
 typedef void (*qtile_fn)(const uint8_t*, int64_t, const int8_t*, int64_t, const float*, const float*, const float*,
                          __m256*);
 #define QTILE_ROW(FMT) {0, QD_CAT(qtile_##FMT##_1, QD_ISA), QD_CAT(qtile_##FMT##_2, QD_ISA),                 \
                         QD_CAT(qtile_##FMT##_3, QD_ISA), QD_CAT(qtile_##FMT##_4, QD_ISA)}
-static const qtile_fn QD_CAT(QTILES, QD_ISA)[8][5] = {
-    {0, 0, 0, 0, 0}, QTILE_ROW(S8H), QTILE_ROW(U4H), QTILE_ROW(U4F), QTILE_ROW(U8F), QTILE_ROW(U8F16),
-    QTILE_ROW(U4K), QTILE_ROW(U6K)};
+static const qtile_fn QD_CAT(QTILES, QD_ISA)[6][5] = {
+    {0, 0, 0, 0, 0}, QTILE_ROW(S8H), QTILE_ROW(U4H), QTILE_ROW(U4F), QTILE_ROW(U8F), QTILE_ROW(U8F16)};
 
 /* Rows per tile for more than 4 rows; rows are taken in chunks that stay in L2 while a panel
  * streams past them (the per-element order depends on neither). */
@@ -391,9 +313,7 @@ void qd_rows_q8(int fmt, const uint8_t* packed, int64_t K, const int64_t* index,
     for (int64_t r = 0; r < R; ++r) {
         const int64_t n = index[r], p = n / NRQ, c = n % NRQ;
         for (int64_t b = 0; b < nb; ++b) {
-            const uint8_t* blk = fmt == QD_Q_U4K   ? packed + p * nb * bb + (b >> 3) * U4K_SUPER
-                                 : fmt == QD_Q_U6K ? packed + p * nb * bb + (b >> 3) * U6K_SUPER
-                                                   : packed + (p * nb + b) * bb;
+            const uint8_t* blk = packed + (p * nb + b) * bb;
             float* o = out + r * K + b * QB;
             for (int j = 0; j < QB; ++j) {
                 float d, m = 0.0f;
@@ -422,24 +342,6 @@ void qd_rows_q8(int fmt, const uint8_t* packed, int64_t K, const int64_t* index,
                     memcpy(&m, blk + 32 + 4 * c, 4);
                     q = blk[64 + GROUP8(c, j)];
                     break;
-                case QD_Q_U4K: {
-                    const int k = (int)(b & 7);
-                    memcpy(&h, blk + 2 * c, 2);
-                    d = _cvtsh_ss(h) * (float)blk[32 + 8 * k + c];
-                    memcpy(&h, blk + 16 + 2 * c, 2);
-                    m = _cvtsh_ss(h) * (float)blk[96 + 8 * k + c];
-                    q = (blk[U4K_QUANTS + 128 * k + GROUP4(c, j)] >> (j / 4 < 4 ? 0 : 4)) & 15;
-                    break;
-                }
-                case QD_Q_U6K: {
-                    const int k = (int)(b & 7), g = j / 4;
-                    memcpy(&h, blk + 2 * c, 2);
-                    d = _cvtsh_ss(h) * (float)(int8_t)blk[16 + 8 * (2 * k + (j < 16 ? 0 : 1)) + c];
-                    m = d * -32.0f;
-                    q = (blk[U6K_LOW + 128 * k + GROUP4(c, j)] >> (g < 4 ? 0 : 4)) & 15;
-                    q |= ((blk[U6K_HIGH + 64 * k + 32 * (g / 4) + 4 * c + j % 4] >> (2 * (g % 4))) & 3) << 4;
-                    break;
-                }
                 default: /* U8F16 */
                     memcpy(&d, blk + (j < 16 ? 0 : 32) + 4 * c, 4);
                     memcpy(&m, blk + (j < 16 ? 64 : 96) + 4 * c, 4);

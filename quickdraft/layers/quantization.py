@@ -31,43 +31,9 @@ QUANT_BLOCK = 32  # activation block, and the column block of every weight forma
 QUANTIZATION_METHODS = ("q8_0", "q4_0")  # for float checkpoints, quantized at load
 
 # Formats of the native kernel (linear_q8.c, QD_Q_*).
-FMT_S8H, FMT_U4H, FMT_U4F, FMT_U8F, FMT_U8F16, FMT_U4K, FMT_U6K = 1, 2, 3, 4, 5, 6, 7
-FORMAT_NAMES = {FMT_S8H: "S8H", FMT_U4H: "U4H", FMT_U4F: "U4F", FMT_U8F: "U8F", FMT_U8F16: "U8F16", FMT_U4K: "U4K",
-                FMT_U6K: "U6K"}
+FMT_S8H, FMT_U4H, FMT_U4F, FMT_U8F, FMT_U8F16 = 1, 2, 3, 4, 5
+FORMAT_NAMES = {FMT_S8H: "S8H", FMT_U4H: "U4H", FMT_U4F: "U4F", FMT_U8F: "U8F", FMT_U8F16: "U8F16"}
 PANEL_ROWS = 8
-SUPER_BLOCK = 256  # the K formats' super-block: one float16 scale (and min) for 8 sub-blocks of 32
-
-
-@dataclass
-class KFactors:
-    """How a K format stores its sub-block scales: d = d_super * sc (and m = m_super * mn), with
-    a float16 d_super (m_super) per super-block of 256 values and small integers per sub-block:
-    Q4_K's 6-bit sc and mn per 32 values, Q6_K's int8 sc per 16 (no mins: its offset is the
-    zero point, -32 d). The products are exact in float32 (11 x 8 significant bits at most), so
-    a kernel that multiplies them in registers uses the very floats of ``QuantizedWeight.d``
-    and ``m``."""
-
-    d_super: torch.Tensor  # [N, K // 256] float32, float16 values
-    sc: torch.Tensor  # [N, K // bs] uint8 (Q4_K, 0..63) or int8 (Q6_K)
-    m_super: torch.Tensor | None = None  # [N, K // 256] float32, float16 values (Q4_K: -dmin)
-    mn: torch.Tensor | None = None  # [N, K // bs] uint8, 0..63
-
-    def apply(self, fn) -> KFactors:
-        return KFactors(*(None if t is None else fn(t) for t in (self.d_super, self.sc, self.m_super, self.mn)))
-
-    @staticmethod
-    def cat(parts: list[KFactors]) -> KFactors:
-        return KFactors(*(None if getattr(parts[0], k) is None else torch.cat([getattr(f, k) for f in parts])
-                          for k in ("d_super", "sc", "m_super", "mn")))
-
-    def gives(self, d: torch.Tensor, m: torch.Tensor | None) -> bool:
-        """Whether these factors give exactly the sub-block scales d (and offsets m)."""
-        per = d.shape[1] // self.d_super.shape[1]
-        if not torch.equal(self.d_super.repeat_interleave(per, 1) * self.sc, d):
-            return False
-        if self.m_super is None:
-            return m is None
-        return m is not None and torch.equal(self.m_super.repeat_interleave(per, 1) * self.mn, m)
 
 
 @dataclass
@@ -80,7 +46,6 @@ class QuantizedWeight:
     bs: int
     source: str  # the GGUF type or method it came from, for logs and errors
     zero: int = 0  # zero point (only without m)
-    factors: KFactors | None = None  # d and m as stored by a K format, if they came from one
 
     def __post_init__(self) -> None:
         N, K = self.q.shape
@@ -92,8 +57,6 @@ class QuantizedWeight:
             raise ValueError(f"{self.source}: unsigned quants above 63 are not supported")
         if self.zero and self.m is not None:
             raise ValueError(f"{self.source}: a zero point and an offset together")
-        if self.factors is not None and (K % SUPER_BLOCK or not self.factors.gives(self.d, self.m)):
-            raise ValueError(f"{self.source}: the super-block factors do not give the sub-block scales")
 
     @property
     def offset(self) -> torch.Tensor | None:
@@ -119,13 +82,11 @@ class QuantizedWeight:
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         return QuantizedWeight(self.q.to(device), self.d.to(device), None if self.m is None else self.m.to(device),
-                               self.bs, self.source, self.zero,
-                               None if self.factors is None else self.factors.apply(lambda t: t.to(device)))
+                               self.bs, self.source, self.zero)
 
     def select_rows(self, index: torch.Tensor) -> QuantizedWeight:
         return QuantizedWeight(self.q[index], self.d[index], None if self.m is None else self.m[index], self.bs,
-                               self.source, self.zero,
-                               None if self.factors is None else self.factors.apply(lambda t: t[index]))
+                               self.source, self.zero)
 
     @staticmethod
     def cat(parts: list[QuantizedWeight]) -> QuantizedWeight:
@@ -135,10 +96,9 @@ class QuantizedWeight:
                or p.zero != first.zero for p in parts):
             raise ValueError("cannot fuse weights of different quantization layouts: "
                              + ", ".join(p.source for p in parts))
-        factors = KFactors.cat([p.factors for p in parts]) if all(p.factors is not None for p in parts) else None
         return QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]),
                                None if first.m is None else torch.cat([p.m for p in parts]), first.bs,
-                               "+".join(sorted({p.source for p in parts})), first.zero, factors)
+                               "+".join(sorted({p.source for p in parts})), first.zero)
 
 
 def _f16_exact(t: torch.Tensor | None) -> bool:
@@ -152,9 +112,7 @@ def kernel_format(w: QuantizedWeight) -> int:
             raise ValueError(f"{w.source}: signed quants need bs=32, no offset and float16 scales")
         return FMT_S8H
     if w.bs == 16:
-        return FMT_U6K if w.factors is not None else FMT_U8F16  # Q6_K as stored: 6.5625 bits a weight, not 12
-    if w.factors is not None and int(w.q.max()) <= 15:
-        return FMT_U4K  # Q4_K as stored: 4.625 bits a weight instead of U4F's 6
+        return FMT_U8F16
     if int(w.q.max()) <= 15:
         return FMT_U4H if _f16_exact(w.d) and _f16_exact(w.offset) else FMT_U4F
     return FMT_U8F
@@ -170,32 +128,13 @@ def _panels(t: torch.Tensor, P: int) -> torch.Tensor:
 
 def pack(w: QuantizedWeight, fmt: int) -> torch.Tensor:
     """The native kernel's layout: [ceil(N / 8), K / 32, block bytes] uint8, each block holding the
-    panel's 8 scales (and offsets) then its 8 rows of quants; FMT_U4K: [ceil(N / 8), K / 256,
-    1184], each super-block holding the panel's float16 d_super and m_super, its sub-blocks'
-    sc then mn bytes ([sub-block, row]) and the 8 sub-blocks' quants as U4F lays them out (see
-    linear_q8.c)."""
+    panel's 8 scales (and offsets) then its 8 rows of quants (see linear_q8.c)."""
     N, K = w.shape
     nb, P = K // QUANT_BLOCK, -(-N // PANEL_ROWS)
     # Quants interleaved by groups of 4 values: [P, nb, group g, row r, 4] (g = 0..7).
     q = _panels(w.q.view(torch.uint8).reshape(N, nb, 8, 4), P).transpose(2, 3)
-    if fmt in (FMT_U4H, FMT_U4F, FMT_U4K):
+    if fmt in (FMT_U4H, FMT_U4F):
         q = q[:, :, :4] | (q[:, :, 4:] << 4)  # 4 vectors: groups i (low nibbles) and i + 4 (high)
-    if fmt in (FMT_U4K, FMT_U6K):
-        f, nsb = w.factors, K // SUPER_BLOCK
-        supers = [_panels(s.half(), P).contiguous().view(torch.uint8).reshape(P, nsb, 16)
-                  for s in (f.d_super, f.m_super) if s is not None]
-        # Sub-block integers as bytes, [sub-block, row] within a super-block.
-        ints = [_panels(s.view(torch.uint8).reshape(N, nsb, -1), P).transpose(2, 3).reshape(P, nsb, -1)
-                for s in (f.sc, f.mn) if s is not None]
-        if fmt == FMT_U4K:
-            return torch.cat([*supers, *ints, q.reshape(P, nsb, -1)], dim=-1).contiguous()
-        # U6K: the low nibbles as U4 lays them out, then the high 2-bit pairs: per block two vectors
-        # of 32 bytes, bits 2i, 2i + 1 of byte k of vector h = the high bits of group 4h + i's byte k.
-        low = (q & 15)
-        low = low[:, :, :4] | (low[:, :, 4:] << 4)  # [P, nb, 4, 8, 4]
-        high = (q >> 4).reshape(P, nb, 2, 4, 32)  # [P, nb, vector h, group i, byte k]
-        high = high[:, :, :, 0] | (high[:, :, :, 1] << 2) | (high[:, :, :, 2] << 4) | (high[:, :, :, 3] << 6)
-        return torch.cat([*supers, *ints, low.reshape(P, nsb, -1), high.reshape(P, nsb, -1)], dim=-1).contiguous()
     parts: list[torch.Tensor] = []
     scale_dtype = torch.float16 if fmt in (FMT_S8H, FMT_U4H) else torch.float32
     m = w.offset if w.offset is not None else (None if fmt == FMT_S8H else torch.zeros_like(w.d))

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from quickdraft.layers.quantization import KFactors, QuantizedWeight
+from quickdraft.layers.quantization import QuantizedWeight
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 __all__ = [
@@ -340,31 +340,16 @@ _SPLITTERS = {
 QUANTIZED_TYPES = frozenset(_SPLITTERS)
 
 
-def _q4_k_factors(b: torch.Tensor, rows: int) -> KFactors:
-    """Q4_K's scales as stored: d = d_super * sc, m = (-dmin) * mn (see KFactors)."""
-    sc, mn = _k_scales_mins(b[:, 4:16])
-    return KFactors(_f16(b, 0).reshape(rows, -1), sc.to(torch.uint8).reshape(rows, -1),
-                    (-_f16(b, 2)).reshape(rows, -1), mn.to(torch.uint8).reshape(rows, -1))
-
-
-def _q6_k_factors(b: torch.Tensor, rows: int) -> KFactors:
-    """Q6_K's scales as stored: d = d_super * sc, sc int8 per 16 values (see KFactors)."""
-    return KFactors(_f16(b, 208).reshape(rows, -1), b[:, 192:208].contiguous().view(torch.int8).reshape(rows, -1))
-
-
 def split_blocks(data: torch.Tensor, ggml_type: int, source: str = "") -> QuantizedWeight:
-    """Raw blocks [rows, row bytes] of a quantized type -> the exact QuantizedWeight [rows, K]
-    (Q4_K and Q6_K with their scales' super-block factors, which their compact kernel formats keep)."""
+    """Raw blocks [rows, row bytes] of a quantized type -> the exact QuantizedWeight [rows, K]."""
     name, block, block_bytes = _GGML_TYPES[ggml_type]
     rows = data.shape[0]
     blocks = data.contiguous().view(-1, block_bytes)
     q, d, m, zero = _SPLITTERS[ggml_type](blocks)
     K = data.shape[1] // block_bytes * block
     d = d.reshape(rows, -1)
-    factors = (_q4_k_factors(blocks, rows) if ggml_type == GGML_Q4_K
-               else _q6_k_factors(blocks, rows) if ggml_type == GGML_Q6_K else None)
     return QuantizedWeight(q.reshape(rows, K), d, None if m is None else m.reshape(rows, -1), K // d.shape[1],
-                           source or name, zero, factors)
+                           source or name, zero)
 
 
 def _deq_f32(b: torch.Tensor) -> torch.Tensor:
