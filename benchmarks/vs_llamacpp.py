@@ -99,12 +99,11 @@ def weight_bytes_per_token(llm: LLM) -> int:
     model = llm.engine.runner.model
     total = 0
     for lin in [*model._linears(), model.lm_head]:
-        if lin.native_q is not None:
-            total += lin.native_q.packed.numel()
-        elif lin.native is not None:
-            total += lin.native.packed.numel() * 4
-        else:
+        parts = lin.native_parts.parts if lin.native_parts is not None else [lin.native_q or lin.native]
+        if parts[0] is None:
             total += lin.weight.numel() * lin.weight.element_size()
+        else:
+            total += sum(p.packed.numel() * p.packed.element_size() for p in parts)
     return total
 
 

@@ -128,6 +128,21 @@ def test_native_kernel_bit_equal_to_reference_and_batch_invariant(qtype, isa):
     assert torch.equal(out, res + (full + bias))
 
 
+# Bits of packed weight per weight, by kernel format (panel padding aside): what a decode step
+# reads, against the file's 8.5 (Q8_0), 4.5 (Q4_0), 5 (Q4_1), 5.5 / 6 (Q5_0 / Q5_1), 4.5 (Q4_K),
+# 5.5 (Q5_K) and 6.5625 (Q6_K).
+PACKED_BITS = {qz.FMT_S8H: 8.5, qz.FMT_U4H: 5.0, qz.FMT_U4F: 6.0, qz.FMT_U8F: 10.0, qz.FMT_U8F16: 12.0}
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
+def test_packed_bytes_per_weight(qtype):
+    N, K = 16, 512
+    w = gl.split_blocks(torch.from_numpy(random_blocks(qtype, N, K, seed=31)), int(qtype))
+    lin = quant_linear_kernel()(w)
+    assert lin.packed.numel() * 8 / (N * K) == PACKED_BITS[lin.fmt]
+
+
 @needs_kernels
 @pytest.mark.parametrize("isa", TESTED_ISAS)
 def test_parts_in_different_formats_run_side_by_side_bit_exact(isa):
