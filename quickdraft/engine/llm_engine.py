@@ -315,15 +315,14 @@ class LLMEngine:
         return max(0, min(k, room))
 
     def _propose(self, scheduled: list[ScheduledSeq], noise: NoiseCache) -> dict[int, Draft]:
-        items = [it for it in scheduled if it.num_lookahead > 0]
-        if not items:
+        # A grammar's forced tokens come first; the method drafts what follows them. (A request
+        # failed while scheduled has no lookahead; one whose grammar fails here is not drafted for.)
+        with_forced = [(it, self._forced(it.seq, it.num_lookahead)) for it in scheduled if it.num_lookahead > 0]
+        with_forced = [(it, f) for it, f in with_forced if it.seq.request_id not in self._failed]
+        if not with_forced:
             return {}
-        items = [it for it in items if it.seq.request_id not in self._failed]
+        items, forced = [it for it, _ in with_forced], [f for _, f in with_forced]
         seqs = [it.seq for it in items]
-        # A grammar's forced tokens come first; the method drafts what follows them.
-        forced = [self._forced(s, it.num_lookahead) for s, it in zip(seqs, items)]
-        kept = [i for i, s in enumerate(seqs) if s.request_id not in self._failed]
-        items, seqs, forced = [items[i] for i in kept], [seqs[i] for i in kept], [forced[i] for i in kept]
         proposals = self._proposals(seqs, [it.num_lookahead - len(f) for it, f in zip(items, forced)], noise, forced)
         for s, f, d in zip(seqs, forced, proposals):
             if f:

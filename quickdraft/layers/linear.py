@@ -13,7 +13,6 @@ F.linear.
 
 from __future__ import annotations
 
-import itertools
 import logging
 
 import torch
@@ -71,10 +70,11 @@ class Linear(nn.Module):
                              f"[{self.out_features}, {self.in_features}] weight.")
         self._parts[row_offset] = part
 
-    def _assemble(self) -> QuantizedWeight | torch.Tensor | list[QuantizedWeight | torch.Tensor] | None:
+    def _assemble(self, as_parts: bool) -> QuantizedWeight | torch.Tensor | list[QuantizedWeight | torch.Tensor] | None:
         """The stored parts as one weight: quantized, or 16-bit; or, where they cannot be fused
-        (different formats), the list of parts in row order, each to run as stored. Rows loaded
-        as floats beside them are written, with the rest, into the float weight (returns None)."""
+        (different formats) and ``as_parts``, the list of parts in row order, each to run as
+        stored. Otherwise (and with rows loaded as floats beside them) they are written into the
+        float weight (returns None)."""
         offsets = sorted(self._parts)
         parts = [self._parts[k] for k in offsets]
         self._parts = {}
@@ -85,12 +85,15 @@ class Linear(nn.Module):
                 try:
                     return parts[0] if len(parts) == 1 else QuantizedWeight.cat(parts)
                 except ValueError:
+                    if not as_parts:
+                        raise
                     return parts
             if all(isinstance(p, torch.Tensor) for p in parts) and len({p.dtype for p in parts}) == 1:
                 return parts[0] if len(parts) == 1 else torch.cat(parts)
-            if all(isinstance(p, QuantizedWeight) or p.dtype in (torch.float16, torch.bfloat16) for p in parts):
+            if as_parts and all(isinstance(p, QuantizedWeight) or p.dtype in (torch.float16, torch.bfloat16)
+                                for p in parts):
                 return parts
-            raise ValueError("some of its parts are stored as float32")
+            raise ValueError("its parts are stored in different formats")
         except ValueError as e:
             logger.info("Linear [%d, %d]: %s; using it in %s.", self.out_features, self.in_features, e,
                         self.weight.dtype)
@@ -116,8 +119,9 @@ class Linear(nn.Module):
         in registers (else oneDNN's on the float32 weight). The plain weight is freed unless
         ``keep_weight`` (a weight shared with an embedding). Returns whether a CPU kernel was chosen."""
         w = self.weight
-        stored = self._assemble() if self._parts else None
-        if isinstance(stored, list) and quantization is None:  # parts in different formats, each as stored
+        # quantization=... asks for one format: parts that differ are then fused as floats.
+        stored = self._assemble(as_parts=quantization is None) if self._parts else None
+        if isinstance(stored, list):  # parts in different formats, each as stored
             native = self._native_parts_possible(stored)
             if native:
                 self.native_parts = PackedParts([quant_linear_kernel()(p) if isinstance(p, QuantizedWeight)
@@ -127,11 +131,6 @@ class Linear(nn.Module):
             if not keep_weight:
                 self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
             return native
-        if isinstance(stored, list):  # quantization=... asks for one format: the parts as floats
-            for part, n0 in zip(stored, itertools.accumulate([0] + [p.shape[0] for p in stored])):
-                value = part.dequantize() if isinstance(part, QuantizedWeight) else part
-                w.data[n0:n0 + part.shape[0]] = value.to(w.dtype)
-            stored = None
         if isinstance(stored, torch.Tensor):  # float16 / bfloat16 rows
             pack_native = linear_kernel() if w.device.type == "cpu" and w.dtype == torch.float32 else None
             if pack_native is not None and quantization is None:
